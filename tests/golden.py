@@ -1,0 +1,77 @@
+"""Access to the golden vectors produced by the original code on tiny models (tests/data/golden).
+
+See tests/data/golden/README.md for how they were made. ``case_state_dict`` rebuilds a case's complete
+state_dict: random parameters are drawn exactly as the generator did (one CPU generator seeded 0, keys in
+sorted order, ``randn * 0.05``), buffers are taken from the stored file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
+CASES = ("sd1", "sd2v", "unclip-l", "sdxl-base", "sdxl-base-081e0d4", "sdxl-refiner")
+
+
+def case_config(case: str):
+    """The reference yaml of a case (OmegaConf), including ``golden_tiny_encoder_sizes``."""
+    return OmegaConf.load(GOLDEN / f"{case}.yaml")
+
+
+@lru_cache(maxsize=None)
+def case_data(case: str) -> dict[str, torch.Tensor]:
+    """Inputs and expected outputs of a case (see the golden README for the names)."""
+    return load_file(str(GOLDEN / f"{case}.data.safetensors"))
+
+
+@lru_cache(maxsize=None)
+def case_state_dict(case: str) -> dict[str, torch.Tensor]:
+    """The complete reference state_dict of a case, keys as the original code names them."""
+    stored = load_file(str(GOLDEN / f"{case}.weights.safetensors"))
+    manifest_path = GOLDEN / f"{case}.weights-manifest.json"
+    if not manifest_path.exists():
+        return stored
+    manifest = json.loads(manifest_path.read_text())
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, torch.Tensor] = {}
+    for entry in manifest["tensors"]:
+        key = entry["key"]
+        if entry["randomized"]:
+            out[key] = torch.randn(entry["shape"], generator=g, dtype=torch.float32) * 0.05
+        else:
+            out[key] = stored[key]
+    return out
+
+
+def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted keys and raw little-endian tensor bytes, as the manifests record it."""
+    h = hashlib.sha256()
+    for key in sorted(sd):
+        h.update(key.encode("utf-8"))
+        h.update(sd[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def manifest_sha256(case: str) -> str | None:
+    path = GOLDEN / f"{case}.weights-manifest.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["sha256_of_sorted_key_and_bytes"]
+
+
+def sub_state_dict(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries under ``prefix`` with the prefix removed (e.g. 'model.diffusion_model.')."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def released_manifest(name: str) -> dict:
+    """A released file's key/shape manifest (tests/data/manifests/NAME.json)."""
+    return json.loads((MANIFESTS / f"{name}.json").read_text())

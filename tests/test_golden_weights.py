@@ -1,0 +1,11 @@
+"""The golden weight regeneration reproduces the reference state_dicts bit for bit."""
+
+import pytest
+
+from tests.golden import CASES, case_state_dict, manifest_sha256, state_dict_sha256
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "sd1"])
+def test_rebuilt_state_dict_matches_manifest_hash(case):
+    sd = case_state_dict(case)
+    assert state_dict_sha256(sd) == manifest_sha256(case)
