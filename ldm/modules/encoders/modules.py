@@ -1,0 +1,593 @@
+"""Conditioning encoders: CLIP / OpenCLIP text encoders, CLIP image embedders, unCLIP noise augmentation.
+
+Every network is built from its architecture config, never downloaded: the weights come from the Stable
+Diffusion checkpoint. Module attribute names reproduce the released checkpoint keys:
+
+* SD 1.x ``cond_stage_model.transformer.text_model.*`` (HF ``CLIPTextModel``, :class:`FrozenCLIPEmbedder`),
+* SD 2.x ``cond_stage_model.model.*`` (open_clip ViT-H-14 text side, :class:`FrozenOpenCLIPEmbedder`),
+* SDXL ``conditioner.embedders.N.{transformer,model}.*`` (:class:`FrozenCLIPEmbedder`,
+  :class:`FrozenOpenCLIPEmbedder2`),
+* unCLIP ``embedder.model.*`` (:class:`ClipImageEmbedder`, :class:`FrozenOpenCLIPImageEmbedder`) and
+  ``noise_augmentor.*`` (:class:`CLIPEmbeddingNoiseAugmentation`).
+
+Non-persistent buffers (causal masks, position ids, normalisation constants) are always created on the CPU,
+even under ``with torch.device("meta")``: they are not in any checkpoint, so a model built on the meta device
+is complete once its state_dict has been assigned.
+
+Sources: CV ``ldm/modules/encoders/modules.py``, SAI2 ``ldm/modules/encoders/modules.py`` and
+``ldm/modules/diffusionmodules/upscaling.py``, SGM ``sgm/modules/encoders/modules.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldm.errors import SdgenError
+from ldm.modules.diffusionmodules.util import timestep_embedding
+from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, tokenize_hf, tokenize_open_clip
+from ldm.sampling.schedules import make_beta_schedule
+
+# openai/clip-vit-large-patch14 text tower (hub config.json "text_config"); eos_token_id 2 selects the
+# argmax (EOT) pooling of transformers' CLIPTextTransformer, as for the released model.
+HF_CLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14": dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        projection_dim=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        attention_dropout=0.0,
+        dropout=0.0,
+        initializer_range=0.02,
+        initializer_factor=1.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
+}
+
+# OpenAI `clip` package architectures (clip/model.py::build_model argument names).
+OPENAI_CLIP_CONFIGS: dict[str, dict[str, int]] = {
+    "ViT-L/14": dict(
+        embed_dim=768,
+        image_resolution=224,
+        vision_layers=24,
+        vision_width=1024,
+        vision_patch_size=14,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=768,
+        transformer_heads=12,
+        transformer_layers=12,
+    ),
+}
+
+# CLIP image normalisation (SAI2 ClipImageEmbedder / FrozenOpenCLIPImageEmbedder).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Tower that is deleted right after construction: kept minimal so that building a text encoder does not
+# allocate (or randomly initialise) hundreds of millions of unused parameters.
+_STUB_VISION_CFG = dict(image_size=14, patch_size=14, width=64, head_width=64, layers=1)
+
+
+class AbstractEncoder(nn.Module):
+    """Common behaviour: ``freeze()`` (eval mode that survives ``.train()``, no gradients) and ``encode``.
+
+    The attributes ``is_trainable``, ``ucg_rate``, ``input_key`` and ``legacy_ucg_value`` are set by
+    :class:`~ldm.modules.encoders.conditioner.GeneralConditioner` (SGM ``AbstractEmbModel``). The encoders'
+    ``device`` argument is accepted for config compatibility only: a module runs where its parameters are;
+    likewise the open_clip ``version`` (pretrained tag): the weights always come from the SD checkpoint.
+    """
+
+    is_trainable: bool = False
+    ucg_rate: float = 0.0
+    input_key: str | None = None
+    legacy_ucg_value: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = False
+
+    def freeze(self) -> None:
+        self.frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "AbstractEncoder":
+        return super().train(False if self.frozen else mode)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        return self(*args, **kwargs)
+
+
+def causal_mask(n: int) -> torch.Tensor:
+    """Additive causal attention mask (n, n): 0 on and below the diagonal, -inf above (open_clip), CPU."""
+    return torch.full((n, n), float("-inf"), device="cpu").triu_(1)
+
+
+def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_open_clip(arch: str, model_cfg: Mapping[str, Any] | None = None, keep: str = "all") -> nn.Module:
+    """An ``open_clip.model.CLIP`` from open_clip's bundled config for ``arch`` (no weights, no download).
+
+    Args:
+        arch: open_clip model name, e.g. "ViT-H-14", "ViT-bigG-14".
+        model_cfg: overrides merged into the config (``embed_dim``, ``vision_cfg``, ``text_cfg``,
+            ``quick_gelu``), e.g. the tiny test sizes.
+        keep: "text" deletes ``visual`` (SAI2/SGM text embedders), "vision" deletes the text ``transformer``
+            but keeps the other text tensors (SAI2 FrozenOpenCLIPImageEmbedder), "all" keeps everything.
+    """
+    import open_clip
+    from open_clip.model import CLIP
+
+    base = open_clip.get_model_config(arch)
+    if base is None and not model_cfg:
+        raise SdgenError(f"unknown open_clip architecture {arch!r}")
+    cfg = _deep_merge(base or {}, model_cfg)
+    if keep == "text":
+        cfg["vision_cfg"] = dict(_STUB_VISION_CFG)
+    elif keep == "vision":
+        cfg["text_cfg"] = {**cfg["text_cfg"], "layers": 1}
+    elif keep != "all":
+        raise ValueError(f"keep must be 'text', 'vision' or 'all', not {keep!r}")
+    model = CLIP(
+        embed_dim=cfg["embed_dim"],
+        vision_cfg=cfg["vision_cfg"],
+        text_cfg=cfg["text_cfg"],
+        quick_gelu=bool(cfg.get("quick_gelu", False)),
+    )
+    if keep == "text":
+        del model.visual
+    elif keep == "vision":
+        del model.transformer
+    model.register_buffer("attn_mask", causal_mask(cfg["text_cfg"].get("context_length", 77)), persistent=False)
+    return model
+
+
+def open_clip_text_states(model: nn.Module, tokens: torch.Tensor, n_blocks: int | None = None) -> dict:
+    """Run an open_clip text tower block by block.
+
+    Args:
+        model: open_clip CLIP (token_embedding, positional_embedding, transformer.resblocks, attn_mask).
+        tokens: (B, L) int64 ids.
+        n_blocks: run only the first ``n_blocks`` resblocks (default all).
+
+    Returns:
+        {"penultimate": input of the last resblock that runs, "last": output of the last one that runs},
+        both (B, L, D) batch-first, without ``ln_final``. open_clip <= 2.24 runs the blocks sequence-first,
+        3.x batch-first; the installed layout is followed (``transformer.batch_first``).
+    """
+    blocks = model.transformer.resblocks
+    n_blocks = len(blocks) if n_blocks is None else n_blocks
+    x = model.token_embedding(tokens) + model.positional_embedding
+    attn_mask = model.attn_mask.to(x.device)
+    batch_first = getattr(model.transformer, "batch_first", False)
+    if not batch_first:
+        x = x.permute(1, 0, 2)
+    penultimate = x
+    for block in list(blocks)[:n_blocks]:
+        penultimate = x
+        x = block(x, attn_mask=attn_mask)
+    if not batch_first:
+        x, penultimate = x.permute(1, 0, 2), penultimate.permute(1, 0, 2)
+    return {"penultimate": penultimate, "last": x}
+
+
+class FrozenCLIPEmbedder(AbstractEncoder):
+    """CLIP ViT-L/14 text encoder (transformers ``CLIPTextModel``) for SD 1.x and SDXL encoder 0.
+
+    ``layer``: "last" = ``last_hidden_state`` (after the final LayerNorm; SD 1.x), "hidden" =
+    ``hidden_states[layer_idx]`` (no final LayerNorm; SDXL uses 11 of 0..12), "pooled" = ``pooler_output``
+    (the EOT row after the final LayerNorm) as (B, 1, D). Tokens: HF style, padded with EOS 49407.
+    """
+
+    LAYERS = ("last", "pooled", "hidden")
+
+    def __init__(
+        self,
+        version: str = "openai/clip-vit-large-patch14",
+        device: str = "cpu",
+        max_length: int = CONTEXT_LENGTH,
+        freeze: bool = True,
+        layer: str = "last",
+        layer_idx: int | None = None,
+        always_return_pooled: bool = False,
+        text_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        if layer not in self.LAYERS:
+            raise SdgenError(f"FrozenCLIPEmbedder: layer must be one of {self.LAYERS}, not {layer!r}")
+        if version not in HF_CLIP_TEXT_CONFIGS and not text_config:
+            raise SdgenError(f"FrozenCLIPEmbedder: unknown version {version!r}; pass text_config")
+        config = CLIPTextConfig(**{**HF_CLIP_TEXT_CONFIGS.get(version, {}), **dict(text_config or {})})
+        if layer == "hidden" and (layer_idx is None or not 0 <= layer_idx <= config.num_hidden_layers):
+            raise SdgenError(
+                f"FrozenCLIPEmbedder: layer 'hidden' needs 0 <= layer_idx <= {config.num_hidden_layers}"
+            )
+        self.transformer = CLIPTextModel(config)
+        # transformers >= 4.31 keeps position_ids as a non-persistent buffer; rebuild it on the CPU.
+        self.transformer.text_model.embeddings.register_buffer(
+            "position_ids",
+            torch.arange(config.max_position_embeddings, device="cpu").expand((1, -1)),
+            persistent=False,
+        )
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = layer_idx
+        self.return_pooled = always_return_pooled
+        if freeze:
+            self.freeze()
+
+    def tokenize(self, text: Sequence[str]) -> torch.Tensor:
+        """(B, max_length) int64 ids, BOS 49406 ... EOS 49407, padded with 49407."""
+        return tokenize_hf(text, self.max_length)
+
+    def forward(self, text: Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (B, 77, D) (and the pooled (B, D) when ``always_return_pooled``)."""
+        tokens = self.tokenize(text).to(self.device)
+        out = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
+        if self.layer == "last":
+            z = out.last_hidden_state
+        elif self.layer == "pooled":
+            z = out.pooler_output[:, None, :]
+        else:
+            z = out.hidden_states[self.layer_idx]
+        if self.return_pooled:
+            return z, out.pooler_output
+        return z
+
+
+class FrozenOpenCLIPEmbedder(AbstractEncoder):
+    """OpenCLIP text encoder as SD 2.x uses it (SAI2 ``FrozenOpenCLIPEmbedder``, the "legacy" path).
+
+    ``layer``: "last" runs every resblock, "penultimate" all but the last; the result then goes through
+    ``ln_final`` in both cases. Tokens: open_clip style, padded with 0. Keys: ``model.*``.
+    """
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: str = "cpu",
+        max_length: int = CONTEXT_LENGTH,
+        freeze: bool = True,
+        layer: str = "last",
+        model_cfg: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise SdgenError(f"FrozenOpenCLIPEmbedder: layer must be one of {self.LAYERS}, not {layer!r}")
+        self.model = build_open_clip(arch, model_cfg, keep="text")
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = 0 if layer == "last" else 1
+        if freeze:
+            self.freeze()
+
+    def tokenize(self, text: Sequence[str]) -> torch.Tensor:
+        return tokenize_open_clip(text, self.max_length)
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> ln_final(output of the first n - layer_idx resblocks), (B, L, D)."""
+        n_blocks = len(self.model.transformer.resblocks) - self.layer_idx
+        x = open_clip_text_states(self.model, tokens, n_blocks)["last"]
+        return self.model.ln_final(x)
+
+    def forward(self, text: Sequence[str]) -> torch.Tensor:
+        """Prompts -> (B, 77, D)."""
+        return self.encode_with_transformer(self.tokenize(text).to(self.device))
+
+
+class FrozenOpenCLIPEmbedder2(AbstractEncoder):
+    """OpenCLIP text encoder as SDXL uses it (SGM ``FrozenOpenCLIPEmbedder2``).
+
+    Non-legacy (SDXL): the crossattn output is the raw ``layer`` state ("penultimate" = input of the last
+    resblock, "last" = output of all blocks), **without** ``ln_final``; pooled = ln_final(last)[EOT] @
+    text_projection, EOT found as argmax of the ids. Legacy: ln_final(layer state), as SD 2.x.
+    """
+
+    LAYERS = ("pooled", "last", "penultimate")
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: str = "cpu",
+        max_length: int = CONTEXT_LENGTH,
+        freeze: bool = True,
+        layer: str = "last",
+        always_return_pooled: bool = False,
+        legacy: bool = True,
+        model_cfg: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise SdgenError(f"FrozenOpenCLIPEmbedder2: layer must be one of {self.LAYERS}, not {layer!r}")
+        if legacy and (always_return_pooled or layer == "pooled"):
+            raise SdgenError("FrozenOpenCLIPEmbedder2: the pooled output needs legacy: false")
+        self.model = build_open_clip(arch, model_cfg, keep="text")
+        self.max_length = max_length
+        self.layer = layer
+        self.return_pooled = always_return_pooled
+        self.legacy = legacy
+        if freeze:
+            self.freeze()
+
+    def tokenize(self, text: Sequence[str]) -> torch.Tensor:
+        return tokenize_open_clip(text, self.max_length)
+
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Row of the EOT token (largest id) of x (B, L, D) @ text_projection -> (B, embed_dim)."""
+        rows = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return rows @ self.model.text_projection
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        states = open_clip_text_states(self.model, tokens)
+        if self.legacy:
+            return {self.layer: self.model.ln_final(states[self.layer])}
+        states["pooled"] = self.pool(self.model.ln_final(states["last"]), tokens)
+        return states
+
+    def forward(self, text: Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (B, 77, D) (``layer`` "pooled": (B, embed_dim)); with pooled: ((B, 77, D), (B, E))."""
+        z = self.encode_with_transformer(self.tokenize(text).to(self.device))
+        if self.return_pooled:
+            return z[self.layer], z["pooled"]
+        return z[self.layer]
+
+
+class _ImageEmbedder(AbstractEncoder):
+    """Shared CLIP image preprocessing (SAI2 ``ClipImageEmbedder.preprocess``)."""
+
+    def __init__(self, antialias: bool) -> None:
+        super().__init__()
+        self.antialias = antialias
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN, device="cpu"), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD, device="cpu"), persistent=False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> resized straight to the tower's size (bicubic, align_corners, antialias;
+        no crop, aspect ratio not kept), mapped to [0, 1], CLIP-normalised."""
+        import kornia
+
+        size = tuple(self.model.visual.image_size)
+        x = kornia.geometry.resize(x, size, interpolation="bicubic", align_corners=True, antialias=self.antialias)
+        x = (x + 1.0) / 2.0
+        return kornia.enhance.normalize(x, self.mean.to(x), self.std.to(x))
+
+
+class ClipImageEmbedder(_ImageEmbedder):
+    """OpenAI CLIP image encoder for SD 2.1 unCLIP-L (SAI2 ``ClipImageEmbedder``, ``clip`` package model).
+
+    Keeps the complete OpenAI CLIP (``model.visual.*`` plus the unused text half), as the checkpoint does;
+    built as open_clip's equivalent ``CLIP`` with QuickGELU, which has the same parameter names.
+    ``model_cfg`` overrides the ``clip`` package's ``build_model`` sizes (embed_dim, vision_width, ...).
+    ``ucg_rate`` is accepted for config compatibility; embedding dropout is a training matter.
+    """
+
+    def __init__(
+        self,
+        model: str = "ViT-L/14",
+        jit: bool = False,
+        device: str = "cpu",
+        antialias: bool = True,
+        ucg_rate: float = 0.0,
+        freeze: bool = True,
+        model_cfg: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(antialias)
+        if model not in OPENAI_CLIP_CONFIGS and not model_cfg:
+            raise SdgenError(f"ClipImageEmbedder: unknown OpenAI CLIP model {model!r}")
+        c = {**OPENAI_CLIP_CONFIGS.get(model, {}), **dict(model_cfg or {})}
+        open_clip_cfg = dict(
+            embed_dim=c["embed_dim"],
+            quick_gelu=True,
+            # OpenAI's VisionTransformer uses width // 64 heads
+            vision_cfg=dict(
+                image_size=c["image_resolution"],
+                layers=c["vision_layers"],
+                width=c["vision_width"],
+                patch_size=c["vision_patch_size"],
+                head_width=64,
+            ),
+            text_cfg=dict(
+                context_length=c["context_length"],
+                vocab_size=c["vocab_size"],
+                width=c["transformer_width"],
+                heads=c["transformer_heads"],
+                layers=c["transformer_layers"],
+            ),
+        )
+        self.model = build_open_clip(model.replace("/", "-"), open_clip_cfg, keep="all")
+        self.ucg_rate = ucg_rate
+        if freeze:
+            self.freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> projected, not normalised embedding (B, embed_dim) in x's dtype."""
+        return self.model.visual(self.preprocess(x)).to(x.dtype)
+
+
+class FrozenOpenCLIPImageEmbedder(_ImageEmbedder):
+    """OpenCLIP image encoder for SD 2.1 unCLIP-H (SAI2 ``FrozenOpenCLIPImageEmbedder``, layer "pooled").
+
+    The text ``transformer`` is deleted; token/positional embeddings, ln_final, text_projection and
+    logit_scale stay (they are checkpoint keys). Output: ``model.visual(preprocess(x))``.
+    """
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: str = "cpu",
+        max_length: int = CONTEXT_LENGTH,
+        freeze: bool = True,
+        layer: str = "pooled",
+        antialias: bool = True,
+        ucg_rate: float = 0.0,
+        model_cfg: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(antialias)
+        if layer != "pooled":
+            raise SdgenError(f"FrozenOpenCLIPImageEmbedder: only layer 'pooled' exists, not {layer!r}")
+        self.model = build_open_clip(arch, model_cfg, keep="vision")
+        self.max_length = max_length
+        self.layer = layer
+        self.ucg_rate = ucg_rate
+        if freeze:
+            self.freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> projected embedding (B, embed_dim)."""
+        return self.model.visual(self.preprocess(x))
+
+
+class CLIPEmbeddingNoiseAugmentation(nn.Module):
+    """unCLIP image-embedding noise augmentation (SAI2 ``CLIPEmbeddingNoiseAugmentation``).
+
+    Own DDPM schedule (persistent float32 buffers ``betas``, ``alphas_cumprod``, ...; computed in float64).
+    forward: normalise with (data_mean, data_std), q_sample at the noise level, de-normalise; the level is also
+    returned as a ``timestep_dim``-wide sinusoidal embedding. The ADM vector is cat(augmented, level_emb).
+
+    ``data_mean``/``data_std`` (1, timestep_dim) are non-persistent: zeros/ones, or Karlo's
+    ``ViT-L-14_stats.th`` (a (mean, std) pair) from ``clip_stats_path``; never part of the checkpoint.
+    All these buffers stay float32 when the model is loaded in half precision (``keep_fp32_buffers``); the
+    outputs are cast to the input's dtype.
+    """
+
+    SCHEDULE_BUFFERS = (
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+    )
+    keep_fp32_buffers = (*SCHEDULE_BUFFERS, "data_mean", "data_std")
+
+    def __init__(
+        self,
+        noise_schedule_config: Mapping[str, Any],
+        timestep_dim: int = 256,
+        clip_stats_path: str | None = None,
+        max_noise_level: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.max_noise_level = max_noise_level
+        self.timestep_dim = timestep_dim
+        self._register_schedule(**dict(noise_schedule_config))
+        mean, std = self._load_stats(clip_stats_path, timestep_dim)
+        self.register_buffer("data_mean", mean[None, :], persistent=False)
+        self.register_buffer("data_std", std[None, :], persistent=False)
+
+    def _register_schedule(
+        self,
+        beta_schedule: str = "linear",
+        timesteps: int = 1000,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+    ) -> None:
+        """SAI2 ``upscaling.py::AbstractLowScaleModel.register_schedule`` (float64 maths, float32 buffers)."""
+        betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        acp = np.cumprod(1.0 - betas, axis=0)
+        self.num_timesteps = int(timesteps)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": acp,
+            "alphas_cumprod_prev": np.append(1.0, acp[:-1]),
+            "sqrt_alphas_cumprod": np.sqrt(acp),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - acp),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - acp),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / acp),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / acp - 1),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+
+    @staticmethod
+    def _load_stats(path: str | None, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if path is None:
+            return torch.zeros(dim, device="cpu"), torch.ones(dim, device="cpu")
+        if not Path(path).is_file():
+            raise SdgenError(
+                f"clip_stats_path {str(path)!r} not found: it is Karlo's ViT-L-14_stats.th (CLIP-L embedding "
+                "mean/std, not part of the checkpoint); download it there or set clip_stats_path: null"
+            )
+        mean, std = torch.load(path, map_location="cpu", weights_only=True)
+        return mean.float().reshape(-1), std.float().reshape(-1)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.data_mean) / self.data_std
+
+    def unscale(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.data_std + self.data_mean
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_level: int | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise-augment image embeddings.
+
+        Args:
+            x: (B, D) image embeddings.
+            noise_level: int or (B,) int64 levels in [0, max_noise_level); None draws uniform levels
+                (training) from ``generator``.
+            generator: CPU generator for the level (if drawn) and the noise (if not given).
+            noise: (B, D) standard normal noise; drawn from ``generator`` on the CPU when None.
+
+        Returns:
+            (augmented embedding (B, D), level embedding (B, timestep_dim)), both in x's dtype.
+        """
+        b = x.shape[0]
+        if noise_level is None:
+            levels = torch.randint(0, self.max_noise_level, (b,), generator=generator)
+        else:
+            levels = torch.as_tensor(noise_level, dtype=torch.long).reshape(-1).expand(b)
+        if int(levels.min()) < 0 or int(levels.max()) >= min(self.max_noise_level, self.num_timesteps):
+            raise SdgenError(f"noise level must be in [0, {self.max_noise_level - 1}], got {levels.tolist()}")
+        levels = levels.to(x.device)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+        compute = torch.promote_types(x.dtype, torch.float32)  # half-precision inputs are noised in float32
+        noise = noise.to(device=x.device, dtype=compute)
+        shape = (b, *([1] * (x.ndim - 1)))
+        a = self.sqrt_alphas_cumprod.gather(-1, levels).reshape(shape).to(compute)
+        s = self.sqrt_one_minus_alphas_cumprod.gather(-1, levels).reshape(shape).to(compute)
+        z = self.unscale(a * self.scale(x.to(compute)) + s * noise)
+        level_emb = timestep_embedding(levels, self.timestep_dim)
+        return z.to(x.dtype), level_emb.to(x.dtype)
