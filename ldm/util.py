@@ -24,11 +24,12 @@ TARGET_ALIASES: dict[str, str] = {
     "sgm.modules.encoders.modules.FrozenCLIPEmbedder": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
     "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
     "sgm.modules.diffusionmodules.openaimodel.UNetModel": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-    "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser": "ldm.sampling.denoiser.DiscreteDenoiserConfig",
+    "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser": "ldm.sampling.denoiser.DiscreteDenoiser",
     "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling": "ldm.sampling.denoiser.EpsScaling",
     "sgm.modules.diffusionmodules.denoiser_scaling.VScaling": "ldm.sampling.denoiser.VScaling",
     "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization": "ldm.sampling.schedules.LegacyDDPMDiscretization",
     "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation": "ldm.modules.encoders.modules.CLIPEmbeddingNoiseAugmentation",
+    "ldm.models.diffusion.ddpm.ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip.ImageEmbeddingConditionedLatentDiffusion",
 }
 
 

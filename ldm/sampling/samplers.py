@@ -1,0 +1,463 @@
+"""Samplers: small pure functions over a denoiser ``D(x, sigma, cond) -> x0`` (k-diffusion style).
+
+All share ``sample_NAME(denoiser, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, **options)``:
+
+- ``x`` (B, C, H, W) is the VE sampler variable at ``sigmas[0]`` (use :func:`initial_x` on unit VP noise);
+- ``sigmas`` is a descending grid (n + 1,) from :func:`sampler_sigmas` / :mod:`ldm.sampling.schedules`;
+- the denoiser is called as ``denoiser(x, sigma * ones(B), **extra_args)``, e.g. ``extra_args={"cond": ...}``;
+- ``callback(info)`` is called exactly once per step, after every denoiser evaluation of that step, with
+  ``info = {"x", "i", "sigma", "sigma_next", "sigma_hat", "denoised"}`` (``x`` is the new state; stateful
+  guiders such as SLD advance their step there);
+- ``noise_sampler(sigma, sigma_next) -> noise`` like x (:class:`ldm.sampling.noise.BatchedNoiseSampler`)
+  is required only by the steps that add noise;
+- the result is the VE variable at ``sigmas[-1]``; :func:`final_latent` turns it into the latent the original
+  would decode (identity when the grid ends at 0).
+
+Each sampler reproduces its original: DDIM and PLMS (CV ``ldm/models/diffusion/ddim.py``, ``plms.py``) on the
+CompVis grid with integer t; DPM-Solver++(2M) (KD ``sample_dpmpp_2m``; on the CompVis time-uniform grid with
+continuous t it is CV ``dpm_solver`` multistep order 2); Euler / Heun (Karras et al. 2022, alg. 2; SGM
+``EulerEDMSampler`` / ``HeunEDMSampler`` noise semantics) and Euler ancestral (KD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ldm.errors import SdgenError
+from ldm.sampling import schedules
+
+DenoiserFn = Callable[..., torch.Tensor]
+Callback = Callable[[dict], Any]
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _prepare(x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Sigmas on x's device (float32, or float64 for float64 x), extra args, and the (B,) ones vector."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sigmas = torch.as_tensor(sigmas).to(device=x.device, dtype=dtype)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise SdgenError(f"a sampler needs a 1-D grid of at least 2 sigmas, got shape {tuple(sigmas.shape)}")
+    return sigmas, dict(extra_args or {}), torch.ones(x.shape[0], device=x.device, dtype=dtype)
+
+
+def _need_noise(noise_sampler: NoiseSampler | None, what: str) -> NoiseSampler:
+    if noise_sampler is None:
+        raise SdgenError(f"{what} adds noise: pass a noise_sampler (ldm.sampling.noise.BatchedNoiseSampler)")
+    return noise_sampler
+
+
+def _report(callback: Callback | None, **info: Any) -> None:
+    if callback is not None:
+        callback(info)
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """Probability-flow ODE derivative dx/dsigma = (x - D) / sigma (Karras et al. 2022, eq. 3)."""
+    if sigma.ndim:
+        sigma = sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(
+    sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of an ancestral step (KD ``get_ancestral_step``).
+
+    sigma_up = min(sigma_to, eta * sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)) and
+    sigma_down = sqrt(sigma_to^2 - sigma_up^2). In VE form this is exactly the DDIM sigma_t(eta) of Song et al.
+    2021 eq. 16 (CV ddim.py ``make_ddim_sampling_parameters``): sigma_up = sigma_t(eta) / sqrt(alphabar_prev).
+    """
+    if not eta:
+        return sigma_to, torch.zeros_like(sigma_to)
+    sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def _churn_gamma(sigma: torch.Tensor, steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
+    """Karras et al. 2022 alg. 2 gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0."""
+    if s_churn > 0 and s_tmin <= float(sigma) <= s_tmax:
+        return min(s_churn / steps, 2**0.5 - 1)
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# samplers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021) in VE form: x' = D + sigma_down * eps (+ sigma_up * noise), eps = (x - D) / sigma.
+
+    With eta = 0 this is Euler on the probability-flow ODE, x' = D + sigma' (x - D) / sigma, which is CompVis's
+    x_prev = sqrt(a_prev) pred_x0 + sqrt(1 - a_prev) e_t divided by sqrt(a_prev). With eta > 0 the noise
+    split is :func:`get_ancestral_step` (= the CompVis sigma_t(eta)); ``s_noise`` plays CompVis's
+    ``temperature``. A step to sigma 0 returns D.
+    """
+    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, **extra)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+            eps = (x - denoised) / sigma
+            x = denoised + eps * sigma_down
+            if sigma_up > 0:
+                x = x + _need_noise(noise_sampler, "DDIM with eta > 0")(sigma, sigma_next) * s_noise * sigma_up
+        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma, denoised=denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_plms(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """PLMS (Liu et al. 2022, "Pseudo numerical methods"), as CompVis ``plms.py`` runs it.
+
+    Linear multistep on eps with the DDIM transfer x' = x0' + sigma' eps', x0' = x - sigma eps':
+    step 1 is the pseudo improved Euler step (DDIM with e_t, e at (x_prev, sigma'), average: two denoiser
+    calls); then Adams-Bashforth 2/3/4 (3e - e1)/2, (23e - 16e1 + 5e2)/12, (55e - 59e1 + 37e2 - 9e3)/24.
+    The history holds the raw eps of each step. A step to sigma 0 uses e_t alone for the first step.
+    Deviation: for a one-step grid CompVis evaluates the second call at the same t; here it is at sigma'.
+    """
+    if eta != 0:
+        raise SdgenError("PLMS is deterministic: eta must be 0 (as in CompVis plms.py)")
+    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
+    old_eps: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, **extra)
+        eps = (x - denoised) / sigma
+        if not old_eps:
+            if sigma_next > 0:
+                x_prev = denoised + eps * sigma_next
+                eps_next = (x_prev - denoiser(x_prev, sigma_next * s_in, **extra)) / sigma_next
+                eps_prime = (eps + eps_next) / 2
+            else:
+                eps_prime = eps
+        elif len(old_eps) == 1:
+            eps_prime = (3 * eps - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x = (x - eps_prime * sigma) + eps_prime * sigma_next
+        old_eps = (old_eps + [eps])[-3:]
+        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma, denoised=denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    lower_order_final: bool = True,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) with lambda = -log sigma, h = lambda' - lambda.
+
+    x' = (sigma'/sigma) x - expm1(-h) D', D' = D for the first step and any step to sigma 0, else
+    D' = (1 + 1/(2r)) D - 1/(2r) D_prev with r = h_prev / h (KD ``sample_dpmpp_2m``; CV dpm_solver.py
+    ``multistep_dpm_solver_second_update`` in VE form). ``lower_order_final``: with fewer than 15 steps the
+    last step is first order (CV dpm_solver ``lower_order_final=True``; diffusers the same).
+    """
+    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
+    n = len(sigmas) - 1
+    old_denoised: torch.Tensor | None = None
+    h_last: torch.Tensor | None = None
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, **extra)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            first_order = old_denoised is None or (lower_order_final and n < 15 and i == n - 1)
+            if first_order:
+                denoised_d = denoised
+            else:
+                r = h_last / h
+                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * denoised_d
+            h_last = h
+        old_denoised = denoised
+        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma, denoised=denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Euler with optional churn (Karras et al. 2022, alg. 2; SGM ``EulerEDMSampler``).
+
+    gamma = min(s_churn / n, sqrt(2) - 1) for s_tmin <= sigma <= s_tmax; sigma_hat = sigma (1 + gamma); noise
+    sqrt(sigma_hat^2 - sigma^2) * s_noise is drawn only when gamma > 0 (SGM; k-diffusion draws every step);
+    d = (x - D(x, sigma_hat)) / sigma_hat; x += (sigma' - sigma_hat) d.
+    """
+    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = _churn_gamma(sigma, n, s_churn, s_tmin, s_tmax)
+        sigma_hat = sigma * (gamma + 1.0)
+        if gamma > 0:
+            noise = _need_noise(noise_sampler, "Euler with s_churn > 0")(sigma, sigma_next) * s_noise
+            x = x + noise * (sigma_hat**2 - sigma**2) ** 0.5
+        denoised = denoiser(x, sigma_hat * s_in, **extra)
+        d = to_d(x, sigma_hat, denoised)
+        x = x + (sigma_next - sigma_hat) * d
+        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma_hat, denoised=denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, alg. 2): Euler, then the trapezoidal correction with a
+    second evaluation at sigma', except for a step to sigma 0 (Euler). Churn as in :func:`sample_euler`.
+    """
+    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = _churn_gamma(sigma, n, s_churn, s_tmin, s_tmax)
+        sigma_hat = sigma * (gamma + 1.0)
+        if gamma > 0:
+            noise = _need_noise(noise_sampler, "Heun with s_churn > 0")(sigma, sigma_next) * s_noise
+            x = x + noise * (sigma_hat**2 - sigma**2) ** 0.5
+        denoised = denoiser(x, sigma_hat * s_in, **extra)
+        d = to_d(x, sigma_hat, denoised)
+        dt = sigma_next - sigma_hat
+        if sigma_next == 0:
+            x = x + dt * d
+        else:
+            x_2 = x + dt * d
+            d_2 = to_d(x_2, sigma_next, denoiser(x_2, sigma_next * s_in, **extra))
+            x = x + dt * ((d + d_2) / 2)
+        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma_hat, denoised=denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Euler ancestral (KD ``sample_euler_ancestral``): Euler to sigma_down, then noise * sigma_up (no noise
+    on a step to sigma 0). With eta = 1 this samples the reverse SDE's ancestral chain."""
+    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, **extra)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        d = to_d(x, sigma, denoised)
+        x = x + d * (sigma_down - sigma)
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + _need_noise(noise_sampler, "Euler ancestral")(sigma, sigma_next) * s_noise * sigma_up
+        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma, denoised=denoised)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddim": sample_ddim,
+    "plms": sample_plms,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grids
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    """A sigma grid family: what it reproduces and the denoiser time mode that goes with it."""
+
+    time_mode: str
+    description: str
+
+
+GRIDS: dict[str, GridInfo] = {
+    "ddim": GridInfo("integer", "CompVis DDIM/PLMS: t = range(0, N, N // S) + 1, ends at alphabar[0]"),
+    "dpm_solver": GridInfo("continuous", "CompVis --dpm_solver: time-uniform t in [1, 1/N], ends at alphabar[0]"),
+    "sgm": GridInfo("nearest", "SGM LegacyDDPMDiscretization: t = linspace(N-1, 0, S, endpoint=False), then 0"),
+    "sgm_legacy": GridInfo("nearest", "SGM 0.9 release: t = range(0, N, N // S) + 1, then 0"),
+    "karras": GridInfo("interpolate", "Karras et al. 2022 rho=7 between the table's sigma_min and sigma_max, then 0"),
+    "linspace_t": GridInfo("interpolate", "k-diffusion: t = linspace(N-1, 0, S) in log-sigma, then 0"),
+}
+
+# The grid each sampler's original uses: DDIM/PLMS on the CompVis grid; DPM-Solver++(2M) on CompVis
+# --dpm_solver's (time_uniform, continuous t; this reproduces CV txt2img --dpm_solver); Euler family on SGM's.
+DEFAULT_GRID: dict[str, str] = {
+    "ddim": "ddim",
+    "plms": "ddim",
+    "dpmpp_2m": "dpm_solver",
+    "euler": "sgm",
+    "euler_ancestral": "sgm",
+    "heun": "sgm",
+}
+
+
+def grid_sigmas(
+    grid: str, alphas_cumprod, steps: int, *, rho: float = 7.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Descending sigmas (steps + 1,) of grid ``grid`` (:data:`GRIDS`) for a training alphabar (N,).
+
+    float32 like the originals; ``dtype=torch.float64`` keeps the table values exact (the SGM grids are
+    defined by float32 operations and stay float32-valued). The CompVis DDIM grid has more than steps + 1
+    entries when steps does not divide N (original quirk).
+    """
+    if grid == "ddim":
+        return schedules.ddim_sigmas(alphas_cumprod, steps, dtype=dtype)
+    if grid == "dpm_solver":
+        return schedules.dpm_solver_sigmas(alphas_cumprod, steps, dtype=dtype)
+    if grid in ("sgm", "sgm_legacy"):
+        return schedules.sgm_grid(alphas_cumprod, steps, legacy_range=grid == "sgm_legacy").to(dtype)
+    if grid == "karras":
+        table = schedules.sigmas_from_alphas_cumprod(alphas_cumprod)
+        return schedules.karras_sigmas(steps, float(table[0]), float(table[-1]), rho, dtype=dtype)
+    if grid == "linspace_t":
+        return schedules.linspace_t_sigmas(alphas_cumprod, steps, dtype=dtype)
+    raise SdgenError(f"unknown sigma grid {grid!r} ({', '.join(GRIDS)})")
+
+
+def sampler_sigmas(name: str, alphas_cumprod, steps: int, grid: str | None = None, **options: Any) -> torch.Tensor:
+    """The grid sampler ``name`` uses in its original (:data:`DEFAULT_GRID`), or ``grid`` if given."""
+    if name not in SAMPLERS:
+        raise SdgenError(f"unknown sampler {name!r} ({', '.join(SAMPLERS)})")
+    return grid_sigmas(grid or DEFAULT_GRID[name], alphas_cumprod, steps, **options)
+
+
+def default_time_mode(name: str, grid: str | None = None) -> str:
+    """Denoiser time mode matching sampler ``name`` on ``grid`` (default grid if None)."""
+    return GRIDS[grid or DEFAULT_GRID[name]].time_mode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# initial / final latent
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def initial_x(noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Unit VP noise x_T -> sampler input noise * sqrt(1 + sigmas[0]^2) (CompVis and SGM; not k-diffusion's
+    noise * sigma_max)."""
+    return schedules.vp_to_ve(noise, sigmas[0])
+
+
+def final_latent(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Sampler result at sigmas[-1] -> the latent the original decodes: x / sqrt(1 + sigmas[-1]^2)."""
+    if float(sigmas[-1]) == 0.0:
+        return x
+    return schedules.ve_to_vp(x, sigmas[-1])
+
+
+def sample(
+    name: str,
+    denoiser: DenoiserFn,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Run sampler ``name`` from unit VP noise on ``sigmas`` and return the latent to decode (VP)."""
+    if name not in SAMPLERS:
+        raise SdgenError(f"unknown sampler {name!r} ({', '.join(SAMPLERS)})")
+    x = SAMPLERS[name](
+        denoiser,
+        initial_x(noise, sigmas),
+        sigmas,
+        extra_args=extra_args,
+        callback=callback,
+        noise_sampler=noise_sampler,
+        **options,
+    )
+    return final_latent(x, sigmas)
+
+
+__all__ = [
+    "sample_ddim",
+    "sample_plms",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "SAMPLERS",
+    "GRIDS",
+    "DEFAULT_GRID",
+    "sample",
+    "sampler_sigmas",
+    "grid_sigmas",
+    "default_time_mode",
+    "initial_x",
+    "final_latent",
+    "get_ancestral_step",
+    "to_d",
+]
