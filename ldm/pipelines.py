@@ -1,0 +1,409 @@
+"""Generation as a library: one loop for txt2img and img2img.
+
+    request (GenerationRequest) -> per batch: conditioner -> Denoiser -> CFGDenoiser -> sampler -> decode
+
+:func:`generate` yields each image as soon as its batch is decoded, so a caller that writes images as they
+come keeps every finished one when the run is interrupted. Randomness is explicit: image i of a run draws
+its initial noise, its VAE posterior sample (img2img) and every ancestral step from its own CPU generator
+seeded ``seed + i`` (:mod:`ldm.sampling.noise`), so it regenerates alone, in any batch, on any device.
+
+The model is anything with the LatentDiffusion interface: ``get_learned_conditioning(list[str])``,
+``apply_model(x, t, cond)``, ``encode_first_stage`` / ``get_first_stage_encoding`` / ``decode_first_stage``,
+``alphas_cumprod`` and ``parameterization``. Other families plug in their own conditioner and denoiser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ldm.errors import SdgenError
+from ldm.sampling import noise as noise_lib
+from ldm.sampling import schedules
+from ldm.sampling.denoiser import Denoiser
+from ldm.sampling.guidance import CFGDenoiser
+from ldm.sampling.samplers import DEFAULT_GRID, SAMPLERS, default_time_mode, final_latent, initial_x, sampler_sigmas
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Where the CompVis scripts expect their inputs (CV scripts/txt2img.py defaults)
+DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+
+PRECISIONS = ("autocast", "full", "bf16", "fp16")
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The config and checkpoint a run loads (absolute paths)."""
+
+    config: Path
+    checkpoint: Path
+
+
+def _find(path: str) -> Path:
+    """``path`` as given, else relative to the sdgen source tree (the originals run from the repo root)."""
+    candidate = Path(path).expanduser()
+    if candidate.exists() or candidate.is_absolute():
+        return candidate.resolve()
+    in_repo = REPO_ROOT / candidate
+    return (in_repo if in_repo.exists() else candidate).resolve()
+
+
+def resolve_checkpoint(ckpt: Optional[str], config: Optional[str]) -> ModelFiles:
+    """Decide which checkpoint and config a run uses (the one place that decision lives).
+
+    ``None`` means "not given": the original scripts' paths (:data:`DEFAULT_CKPT`, :data:`DEFAULT_CONFIG`).
+    Relative paths are tried in the working directory, then in the sdgen source tree.
+
+    Raises:
+        SdgenError: the config or the checkpoint does not exist (the message says where the originals
+            expect the checkpoint and how to pass another one).
+    """
+    config_path = _find(config or DEFAULT_CONFIG)
+    if not config_path.is_file():
+        raise SdgenError(f"config not found: {config or DEFAULT_CONFIG} (pass --config PATH)")
+    ckpt_path = _find(ckpt or DEFAULT_CKPT)
+    if not ckpt_path.is_file():
+        if ckpt is None:
+            raise SdgenError(
+                f"checkpoint not found: {DEFAULT_CKPT} is where the original scripts expect the SD 1.x "
+                "weights (e.g. sd-v1-4.ckpt, linked or copied there); or pass --ckpt PATH (.ckpt or .safetensors)"
+            )
+        raise SdgenError(f"checkpoint not found: {ckpt} (pass --ckpt PATH to a .ckpt or .safetensors file)")
+    return ModelFiles(config=config_path, checkpoint=ckpt_path)
+
+
+def vae_downsampling_factor(config: Any) -> int:
+    """2 ** (len(ch_mult) - 1) of the config's first stage (8 for SD; 2 for the tiny test configs)."""
+    try:
+        params = config["model"]["params"]["first_stage_config"]["params"]
+        return 2 ** (len(params["ddconfig"]["ch_mult"]) - 1)
+    except (KeyError, TypeError) as exc:
+        raise SdgenError("the config has no first_stage_config.params.ddconfig.ch_mult (not an SD config?)") from exc
+
+
+def unet_size_multiple(config: Any) -> int:
+    """Latent sides must be multiples of this: 2 ** (number of UNet downsamplings)."""
+    try:
+        params = config["model"]["params"]["unet_config"]["params"]
+        return 2 ** (len(params["channel_mult"]) - 1)
+    except (KeyError, TypeError):
+        return 1
+
+
+def check_sampler_grid(config: Any, sampler: str, steps: int) -> None:
+    """Build the sampler's sigma grid from the config's DDPM schedule, so a step count the grid refuses fails
+    before the model is loaded (raises the grid's SdgenError)."""
+    try:
+        params = config["model"]["params"]
+        betas = schedules.make_beta_schedule(
+            params.get("beta_schedule", "linear"),
+            int(params.get("timesteps", 1000)),
+            linear_start=float(params.get("linear_start", 1e-4)),  # LatentDiffusion's defaults
+            linear_end=float(params.get("linear_end", 2e-2)),
+        )
+    except (KeyError, TypeError, AttributeError):
+        return
+    sampler_sigmas(sampler, schedules.alphas_cumprod_from_betas(betas), steps)
+
+
+def unet_in_channels(config: Any) -> Optional[int]:
+    try:
+        return int(config["model"]["params"]["unet_config"]["params"]["in_channels"])
+    except (KeyError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------- request
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image of a run: its position in the run, its seed, its prompt and its slot in the batch."""
+
+    index: int
+    seed: int
+    prompt: str
+    batch: int
+    position: int
+
+
+def prompt_batches(prompts: Sequence[str], batch_size: int, per_image: bool) -> list[list[str]]:
+    """The prompts of each batch of one iteration (CV scripts/txt2img.py).
+
+    ``per_image=False``: one prompt, ``batch_size`` copies in one batch. ``per_image=True`` (--from-file):
+    each prompt is one image, chunked into batches of ``batch_size`` (the last may be smaller).
+    """
+    if not prompts:
+        raise SdgenError("no prompts to render")
+    if not per_image:
+        return [[prompts[0]] * batch_size]
+    return [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+
+
+@dataclass
+class GenerationRequest:
+    """A whole run.
+
+    Attributes:
+        batches: prompts of each batch of one iteration (:func:`prompt_batches`); the run repeats them
+            ``n_iter`` times.
+        negative_prompt: the unconditional prompt of classifier-free guidance ("" as in the originals).
+        sampler: a key of :data:`ldm.sampling.samplers.SAMPLERS`; ``steps`` its number of steps.
+        scale: guidance scale (1.0: no unconditional pass); ``eta``: DDIM eta (DDIM/PLMS only).
+        height, width: image size in pixels; ``factor`` the VAE downsampling, ``latent_channels`` C.
+        seed: image i uses ``seed + i``; with ``fixed_code`` image k of every batch uses ``seed + k``.
+        init_image: img2img input (3, H, W) in [-1, 1], or None for txt2img; ``strength`` in (0, 1].
+        precision: autocast (fp16 autocast on CUDA, fp32 elsewhere), full, bf16 or fp16 (autocast dtypes).
+    """
+
+    batches: list[list[str]]
+    n_iter: int = 1
+    negative_prompt: str = ""
+    sampler: str = "ddim"
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    height: int = 512
+    width: int = 512
+    latent_channels: int = 4
+    factor: int = 8
+    seed: int = 42
+    fixed_code: bool = False
+    init_image: Optional[torch.Tensor] = None
+    strength: float = 0.75
+    precision: str = "autocast"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """Per-image latent shape (C, H / f, W / f)."""
+        return (self.latent_channels, self.height // self.factor, self.width // self.factor)
+
+    def jobs(self) -> list[list[ImageJob]]:
+        """Every batch of the run, in order, with per-image seeds."""
+        out: list[list[ImageJob]] = []
+        index = 0
+        for _ in range(self.n_iter):
+            for prompts in self.batches:
+                batch = []
+                for position, prompt in enumerate(prompts):
+                    seed = self.seed + (position if self.fixed_code else index)
+                    batch.append(ImageJob(index, seed, prompt, len(out), position))
+                    index += 1
+                out.append(batch)
+        return out
+
+    @property
+    def num_images(self) -> int:
+        return self.n_iter * sum(len(b) for b in self.batches)
+
+
+@dataclass
+class GeneratedImage:
+    """A finished image: its job and its pixels (H, W, 3) uint8."""
+
+    job: ImageJob
+    pixels: np.ndarray
+
+
+class Conditioner(Protocol):
+    """Text -> cond dict for the network (``{"crossattn": (B, L, D), ...}``)."""
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]: ...
+
+
+def text_conditioner(model: Any) -> Conditioner:
+    """SD 1.x / 2.x: ``{"crossattn": model.get_learned_conditioning(prompts)}``."""
+
+    def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {"crossattn": model.get_learned_conditioning(prompts)}
+
+    return encode
+
+
+def make_denoiser(model: Any, sampler: str) -> Denoiser:
+    """``D(x, sigma, cond)`` around ``model.apply_model`` with the time mode of the sampler's original grid."""
+    return Denoiser(
+        model.apply_model,
+        model.alphas_cumprod,
+        parameterization=model.parameterization,
+        time_mode=default_time_mode(sampler),
+    )
+
+
+def precision_context(precision: str, device: torch.device) -> ContextManager[Any]:
+    """Autocast for a precision name: autocast = fp16 on CUDA only (the originals), bf16/fp16 anywhere."""
+    if precision not in PRECISIONS:
+        raise SdgenError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
+    if precision == "full" or (precision == "autocast" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def img2img_sigmas(sampler: str, sigmas: torch.Tensor, strength: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise level of the init latent, descending grid to run) for img2img.
+
+    On the CompVis DDIM grid: CV scripts/img2img.py (``t_enc = int(strength * steps)``, its off-by-one kept);
+    where the original fails (t_enc past the last step, i.e. strength 1.0) the latent is noised to the top of
+    the grid and every step runs. On other grids: SGM's pruning (keep the ``int(strength * len)`` lowest).
+    """
+    if DEFAULT_GRID[sampler] == "ddim":
+        n = len(sigmas) - 1
+        if int(strength * steps) >= n:
+            return sigmas[0], sigmas
+        return schedules.compvis_img2img_sigmas(sigmas, strength, steps)
+    run = schedules.Img2ImgDiscretizationWrapper(lambda: sigmas, strength)()
+    return run[0], run
+
+
+def _quantize(images: torch.Tensor) -> np.ndarray:
+    """Decoder output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating like CV txt2img."""
+    x = torch.clamp((images.float() + 1.0) / 2.0, 0.0, 1.0)
+    return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+
+
+StepCallback = Callable[[int, int], None]
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    request: GenerationRequest,
+    *,
+    on_step: Optional[StepCallback] = None,
+    on_batch: Optional[Callable[[list[ImageJob]], None]] = None,
+    conditioner: Optional[Conditioner] = None,
+    denoiser: Optional[Callable[..., torch.Tensor]] = None,
+) -> Iterator[GeneratedImage]:
+    """Run ``request`` on ``model``, yielding each image once its batch is decoded.
+
+    Args:
+        on_step: called as ``on_step(done, total)`` after each sampler step of a batch.
+        on_batch: called with the batch's jobs before it starts.
+        conditioner / denoiser: replace the SD text conditioner / the apply_model denoiser.
+    """
+    if request.sampler not in SAMPLERS:
+        raise SdgenError(f"unknown sampler {request.sampler!r} ({', '.join(SAMPLERS)})")
+    if request.init_image is not None and tuple(request.init_image.shape[-2:]) != (request.height, request.width):
+        raise SdgenError(
+            f"the init image is {request.init_image.shape[-1]}x{request.init_image.shape[-2]} but the request "
+            f"asks for {request.width}x{request.height}"
+        )
+    device = _model_device(model)
+    encode = conditioner or text_conditioner(model)
+    base = denoiser or make_denoiser(model, request.sampler)
+    guided = CFGDenoiser(base, request.scale)
+    sampler = SAMPLERS[request.sampler]
+    sigmas = sampler_sigmas(request.sampler, model.alphas_cumprod, request.steps)
+    start_sigma = None
+    init_posterior = None
+    if request.init_image is not None:
+        start_sigma, sigmas = img2img_sigmas(request.sampler, sigmas, request.strength, request.steps)
+        with precision_context(request.precision, device):
+            image = request.init_image[None].to(device=device, dtype=torch.float32)
+            init_posterior = model.encode_first_stage(image)
+    options = dict(request.sampler_options)
+    if request.sampler in ("ddim", "plms"):
+        options.setdefault("eta", request.eta)
+    total_steps = len(sigmas) - 1
+    shape = request.latent_shape
+
+    for jobs in request.jobs():
+        if on_batch is not None:
+            on_batch(jobs)
+        seeds = [job.seed for job in jobs]
+        generators = noise_lib.make_generators(seeds)
+        # image i's first draw is its initial noise (same for txt2img and img2img), then its posterior sample
+        noise = noise_lib.initial_noise(shape, seeds, device=device, generators=generators)
+        with precision_context(request.precision, device):
+            cond = {"cond": encode([job.prompt for job in jobs])}
+            if request.scale != 1.0:
+                cond["uncond"] = encode([request.negative_prompt] * len(jobs))
+            if init_posterior is None:
+                x = initial_x(noise, sigmas)
+            else:
+                x = _img2img_start(model, init_posterior, noise, generators, start_sigma, sigmas, request.sampler)
+            noise_sampler = noise_lib.BatchedNoiseSampler(seeds, shape, device=device, generators=generators)
+
+            def callback(info: Mapping[str, Any]) -> None:
+                if on_step is not None:
+                    on_step(int(info["i"]) + 1, total_steps)
+
+            x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=callback,
+                        noise_sampler=noise_sampler, **options)
+            images = model.decode_first_stage(final_latent(x, sigmas))
+        for job, pixels in zip(jobs, _quantize(images)):
+            yield GeneratedImage(job, pixels)
+
+
+def _img2img_start(
+    model: Any,
+    posterior: Any,
+    noise: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    start_sigma: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampler: str,
+) -> torch.Tensor:
+    """Sampler input for img2img: the init latent (one posterior sample per image) noised to ``start_sigma``."""
+    batch = noise.shape[0]
+    params = posterior.parameters.expand(batch, *posterior.parameters.shape[1:])
+    z0 = model.get_first_stage_encoding(type(posterior)(params), generator=list(generators)).float()
+    if DEFAULT_GRID[sampler] == "ddim":
+        # CV DDIMSampler.stochastic_encode in VP space, then the sampler's VE variable at the grid's start
+        z_enc = schedules.compvis_stochastic_encode(z0, noise, start_sigma)
+        return schedules.vp_to_ve(z_enc, sigmas[0])
+    return schedules.sgm_img2img_start(z0, noise, torch.as_tensor(start_sigma))
+
+
+def _model_device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def read_image(path: str | os.PathLike) -> "PIL.Image.Image":
+    """Open an image file as RGB (fully read, so a truncated file fails here)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
+        raise SdgenError(f"cannot read the init image {path}: {reason}") from exc
+
+
+def image_to_tensor(image: "PIL.Image.Image", size: Optional[tuple[int, int]], multiple: int) -> torch.Tensor:
+    """An RGB image as (3, H, W) float32 in [-1, 1] (CV scripts/img2img.py ``load_img``).
+
+    ``size`` = (width, height) to resize to; None keeps the image's size rounded down to ``multiple`` (the
+    original rounds to 32 for f=8). Lanczos resampling as in the original.
+    """
+    from PIL import Image
+
+    w, h = size if size is not None else (image.width - image.width % multiple, image.height - image.height % multiple)
+    if w <= 0 or h <= 0:
+        raise SdgenError(f"the init image ({image.width}x{image.height}) is smaller than {multiple} pixels")
+    if (w, h) != image.size:
+        image = image.resize((w, h), resample=Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
