@@ -216,10 +216,25 @@ class GenerationRequest:
 
 @dataclass
 class GeneratedImage:
-    """A finished image: its job and its pixels (H, W, 3) uint8."""
+    """A finished image: its job, its pixels (H, W, 3) uint8, and the safety checker's verdict (None: no checker
+    ran; True: flagged, the pixels are black)."""
 
     job: ImageJob
     pixels: np.ndarray
+    flagged: Optional[bool] = None
+
+
+class Guidance(Protocol):
+    """A guidance method replacing plain CFG (e.g. :class:`ldm.sampling.sld.SLDGuidance`).
+
+    ``guider(denoiser, scale)`` gives a fresh guider per batch (it may keep per-step state and expose
+    ``on_step_end(info)``, which the loop calls from the sampler callback); ``extra_cond(encode, batch_size,
+    scale)`` gives the cond entries it needs besides "cond" and "uncond".
+    """
+
+    def guider(self, denoiser: Callable[..., torch.Tensor], scale: float) -> Callable[..., torch.Tensor]: ...
+
+    def extra_cond(self, encode: Callable[[list[str]], dict], batch_size: int, scale: float) -> dict: ...
 
 
 class Conditioner(Protocol):
@@ -275,7 +290,11 @@ def img2img_sigmas(sampler: str, sigmas: torch.Tensor, strength: float, steps: i
 
 def _quantize(images: torch.Tensor) -> np.ndarray:
     """Decoder output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating like CV txt2img."""
-    x = torch.clamp((images.float() + 1.0) / 2.0, 0.0, 1.0)
+    return _to_uint8(torch.clamp((images.float() + 1.0) / 2.0, 0.0, 1.0))
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 by truncation (CV txt2img)."""
     return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
 
 
@@ -291,6 +310,8 @@ def generate(
     on_batch: Optional[Callable[[list[ImageJob]], None]] = None,
     conditioner: Optional[Conditioner] = None,
     denoiser: Optional[Callable[..., torch.Tensor]] = None,
+    guidance: Optional[Guidance] = None,
+    safety_checker: Optional[Any] = None,
 ) -> Iterator[GeneratedImage]:
     """Run ``request`` on ``model``, yielding each image once its batch is decoded.
 
@@ -298,6 +319,9 @@ def generate(
         on_step: called as ``on_step(done, total)`` after each sampler step of a batch.
         on_batch: called with the batch's jobs before it starts.
         conditioner / denoiser: replace the SD text conditioner / the apply_model denoiser.
+        guidance: replaces classifier-free guidance (e.g. Safe Latent Diffusion), see :class:`Guidance`.
+        safety_checker: a :class:`ldm.safety.checker.SafetyChecker`; flagged images come out black
+            (CV txt2img ``check_safety`` on the decoded [0, 1] images, before quantisation).
     """
     if request.sampler not in SAMPLERS:
         raise SdgenError(f"unknown sampler {request.sampler!r} ({', '.join(SAMPLERS)})")
@@ -309,7 +333,6 @@ def generate(
     device = _model_device(model)
     encode = conditioner or text_conditioner(model)
     base = denoiser or make_denoiser(model, request.sampler)
-    guided = CFGDenoiser(base, request.scale)
     sampler = SAMPLERS[request.sampler]
     sigmas = sampler_sigmas(request.sampler, model.alphas_cumprod, request.steps)
     start_sigma = None
@@ -336,6 +359,12 @@ def generate(
             cond = {"cond": encode([job.prompt for job in jobs])}
             if request.scale != 1.0:
                 cond["uncond"] = encode([request.negative_prompt] * len(jobs))
+            if guidance is None:
+                guided = CFGDenoiser(base, request.scale)
+            else:
+                guided = guidance.guider(base, request.scale)
+                cond.update(guidance.extra_cond(encode, len(jobs), request.scale))
+            step_end = getattr(guided, "on_step_end", None)
             if init_posterior is None:
                 x = initial_x(noise, sigmas)
             else:
@@ -343,14 +372,23 @@ def generate(
             noise_sampler = noise_lib.BatchedNoiseSampler(seeds, shape, device=device, generators=generators)
 
             def callback(info: Mapping[str, Any]) -> None:
+                if step_end is not None:
+                    step_end(info)
                 if on_step is not None:
                     on_step(int(info["i"]) + 1, total_steps)
 
             x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=callback,
                         noise_sampler=noise_sampler, **options)
             images = model.decode_first_stage(final_latent(x, sigmas))
-        for job, pixels in zip(jobs, _quantize(images)):
-            yield GeneratedImage(job, pixels)
+        x01 = torch.clamp((images.float() + 1.0) / 2.0, 0.0, 1.0)
+        flagged: list[Optional[bool]] = [None] * len(jobs)
+        if safety_checker is not None:
+            from ldm.safety.checker import apply_safety_checker
+
+            x01, checked = apply_safety_checker(x01, safety_checker)
+            flagged = list(checked)
+        for job, pixels, flag in zip(jobs, _to_uint8(x01), flagged):
+            yield GeneratedImage(job, pixels, flag)
 
 
 def _img2img_start(

@@ -21,7 +21,9 @@ from ldm.errors import SdgenError
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("txt2img", "ldm.cli.txt2img:txt2img"),
     ("img2img", "ldm.cli.img2img:img2img"),
+    ("safe-txt2img", "ldm.cli.safe_txt2img:safe_txt2img"),
     ("replay", "ldm.cli.replay:replay"),
+    ("unclip-variate", "ldm.cli.unclip_variate:unclip_variate"),
 )
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C

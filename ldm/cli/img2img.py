@@ -35,6 +35,9 @@ def img2img(
     ckpt: o.Ckpt = None,
     precision: o.PrecisionOpt = o.Precision.autocast,
     device: o.Device = "auto",
+    safety_checker: o.SafetyCheckerPath = None,
+    no_safety_checker: o.NoSafetyChecker = False,
+    no_watermark: o.NoWatermark = False,
 ) -> None:
     """Make variations of an input image guided by a prompt (CompVis scripts/img2img.py flags and defaults)."""
     from ldm.cli.run import execute
@@ -66,5 +69,8 @@ def img2img(
         device=device,
         init_img=init_img,
         strength=strength,
+        safety_checker=safety_checker,
+        no_safety_checker=no_safety_checker,
+        watermark=not no_watermark,
     )
     report(execute(options))

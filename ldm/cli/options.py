@@ -35,7 +35,9 @@ class GenerateOptions:
 
     ``height``/``width`` are pixels (None for img2img: the init image's size); ``factor`` None means the
     config's VAE downsampling factor; ``config``/``ckpt`` None mean the original scripts' default paths.
-    ``prompt_list`` (set by ``sdgen replay``) replaces reading ``from_file`` again.
+    ``prompt_list`` (set by ``sdgen replay``) replaces reading ``from_file`` again. ``safety_checker`` is a
+    checker weights file (None: the model config's ``safety_checker`` entry, if any); ``sld`` the Safe Latent
+    Diffusion settings (:func:`ldm.sld_config.options_record`), None for plain classifier-free guidance.
     """
 
     command: str
@@ -65,6 +67,10 @@ class GenerateOptions:
     init_img: Optional[str] = None
     strength: float = 0.75
     prompt_list: Optional[list[str]] = field(default=None)
+    safety_checker: Optional[str] = None
+    no_safety_checker: bool = False
+    watermark: bool = True
+    sld: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,3 +150,12 @@ OptHeight = Annotated[
 OptWidth = Annotated[
     Optional[int], typer.Option("--W", "--width", show_default="the init image's, rounded down",
                                 help="resize the init image to this width")]
+SafetyCheckerPath = Annotated[
+    Optional[str], typer.Option("--safety-checker", show_default="the model config's safety_checker entry",
+                                help="safety checker weights (.safetensors/.bin/.ckpt of the released CLIP "
+                                "concept checker); flagged images are saved black")]
+NoSafetyChecker = Annotated[
+    bool, typer.Option("--no-safety-checker", help="do not run the safety checker, even if weights are configured")]
+NoWatermark = Annotated[
+    bool, typer.Option("--no-watermark", help="do not embed the invisible watermark (dwtDct) of the original "
+                       "scripts")]

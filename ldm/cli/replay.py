@@ -17,7 +17,7 @@ from ldm.cli.output import load_manifest
 from ldm.cli.txt2img import report
 from ldm.errors import SdgenError
 
-REPLAYABLE = ("txt2img", "img2img")
+REPLAYABLE = ("txt2img", "img2img", "safe-txt2img")
 
 
 def replay_options(data: dict, outdir: Optional[str], device: Optional[str]) -> GenerateOptions:

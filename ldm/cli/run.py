@@ -21,7 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ldm import __version__
 from ldm.cli.options import GenerateOptions
-from ldm.cli.output import ImageRecord, OutputFolder, RunManifest, format_parameters, relative_to
+from ldm.cli.output import (
+    ImageRecord,
+    OutputFolder,
+    RunManifest,
+    format_parameters,
+    make_grid,
+    relative_to,
+    save_png,
+)
 from ldm.errors import SdgenError
 from ldm import pipelines
 from ldm.pipelines import (
@@ -305,12 +313,18 @@ def execute(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = None
     """Run a txt2img / img2img command from its options; ``expect`` holds hashes a replay must find."""
     from ldm.checkpoint import load_model
 
+    from ldm.safety.postprocess import OutputSafety
+    from ldm.sampling.sld import SLDGuidance
+
     plan = plan_run(opts, expect=expect)
     request, out = plan.request, plan.out
+    safety = OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
+                                  model_config=plan.config, device=plan.device)
+    guidance = SLDGuidance.from_record(opts.sld) if opts.sld else None
     logger.info("loading %s with %s on %s", plan.files.checkpoint, plan.files.config, plan.device)
     model = load_model(plan.config, plan.files.checkpoint, device=plan.device)
-    manifest = RunManifest(out.manifest_path, manifest_header(plan))
-    settings = image_settings(plan)
+    manifest = RunManifest(out.manifest_path, {**manifest_header(plan), "safety": safety.manifest()})
+    settings = {**image_settings(plan), **(guidance.png_settings(opts.scale) if guidance else {})}
     jobs = request.jobs()
 
     samples: list[Path] = []
@@ -328,17 +342,22 @@ def execute(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = None
             progress.update(steps_task, completed=0)
 
         try:
-            for image in pipelines.generate(model, request, on_step=on_step, on_batch=on_batch):
+            for image in pipelines.generate(model, request, on_step=on_step, on_batch=on_batch,
+                                            guidance=guidance, safety_checker=safety.checker):
                 job = image.job
                 parameters = format_parameters(job.prompt, opts.negative_prompt, {
                     **settings, "Seed": job.seed, "Batch size": batch_sizes[job.batch], "Batch pos": job.position,
+                    **safety.png_settings(image.flagged),
                 })
                 first_parameters = first_parameters or parameters
                 file, digest = None, None
                 if not opts.skip_save:
-                    path, digest = out.save_sample(image.pixels, parameters)
+                    path, digest = out.save_sample(safety.mark(image.pixels), parameters)
                     samples.append(path)
                     file = relative_to(path, out.root)
+                if image.flagged:
+                    logger.warning("the safety checker flagged image %d (seed %d)%s; it is saved black",
+                                   job.index, job.seed, f" ({file})" if file else "")
                 if not opts.skip_grid:
                     grid_images.append(image.pixels)
                 manifest.add_image(ImageRecord(job.index, job.seed, job.prompt, file, digest))
@@ -356,7 +375,8 @@ def execute(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = None
 
     grid = None
     if grid_images:
-        grid = out.save_grid(grid_images, opts.n_rows or opts.n_samples, first_parameters)
+        grid = out.grid_path
+        save_png(safety.mark(make_grid(grid_images, opts.n_rows or opts.n_samples)), grid, first_parameters)
     manifest.finish("complete", grid)
     return RunResult(outdir=out.root, samples=samples, grid=grid, manifest=out.manifest_path)
 

@@ -53,6 +53,9 @@ def txt2img(
     ckpt: o.Ckpt = None,
     precision: o.PrecisionOpt = o.Precision.autocast,
     device: o.Device = "auto",
+    safety_checker: o.SafetyCheckerPath = None,
+    no_safety_checker: o.NoSafetyChecker = False,
+    no_watermark: o.NoWatermark = False,
 ) -> None:
     """Generate images from a text prompt (CompVis scripts/txt2img.py flags and defaults)."""
     from ldm.cli.run import execute
@@ -82,5 +85,8 @@ def txt2img(
         ckpt=ckpt,
         precision=precision.value,
         device=device,
+        safety_checker=safety_checker,
+        no_safety_checker=no_safety_checker,
+        watermark=not no_watermark,
     )
     report(execute(options))
