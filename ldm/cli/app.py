@@ -24,6 +24,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("safe-txt2img", "ldm.cli.safe_txt2img:safe_txt2img"),
     ("replay", "ldm.cli.replay:replay"),
     ("unclip-variate", "ldm.cli.unclip_variate:unclip_variate"),
+    ("sdxl-refine", "ldm.cli.sdxl_refine:sdxl_refine"),
 )
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C

@@ -1,0 +1,517 @@
+"""``sdgen sdxl-refine``: SDXL base -> refiner hand-over, or refiner SDEdit of an existing image.
+
+    sdgen sdxl-refine --prompt P --ckpt sd_xl_base_0.9.safetensors --refiner-ckpt sd_xl_refiner_0.9.safetensors
+    sdgen sdxl-refine --prompt P --init-img base_output.png --refiner-ckpt sd_xl_refiner_0.9.safetensors
+
+The first runs the two-stage pipeline of the SDXL model card (the base denoises the noisiest
+``--high-noise-frac`` of the timesteps, the refiner finishes the same latents with the same prompt and seed);
+the second is the SGM 0.9 demo's refinement: img2img (SDEdit) on the refiner with ``--strength``. Defaults
+are the SGM demo's: Euler, 50 steps, guidance 5.0, 1024 x 1024, seed 42. The micro-conditioning flags
+(``--original-size`` ...) are also meant for ``sdgen txt2img`` with an SDXL config (see :data:`SDXL_FLAGS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import torch
+import typer
+
+from ldm import __version__
+from ldm.cli import options as o
+from ldm.cli.txt2img import prompt_from, report
+from ldm.errors import SdgenError
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- SDXL flags (shared with txt2img)
+
+
+def parse_pair(flag: str, value: Optional[str]) -> Optional[tuple[int, int]]:
+    """``"1024,768"`` -> (1024, 768): two non-negative integers, height (or top) first as in SGM."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.replace(" ", ",").split(",") if p.strip()]
+    try:
+        pair = tuple(int(p) for p in parts)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 0:
+        raise SdgenError(f"{flag} takes two non-negative integers HEIGHT,WIDTH (or TOP,LEFT), got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+OriginalSize = Annotated[
+    Optional[str], typer.Option("--original-size", show_default="the image size",
+                                help="SDXL micro-conditioning: apparent size of the training image, HEIGHT,WIDTH")]
+CropCoords = Annotated[
+    Optional[str], typer.Option("--crop-coords", show_default="0,0",
+                                help="SDXL micro-conditioning: crop offset TOP,LEFT (0,0 = centred, uncropped look)")]
+TargetSize = Annotated[
+    Optional[str], typer.Option("--target-size", show_default="the image size",
+                                help="SDXL base micro-conditioning: target size HEIGHT,WIDTH")]
+AestheticScore = Annotated[float, typer.Option("--aesthetic-score", help="SDXL refiner: aesthetic score of the "
+                                               "conditional branch")]
+NegativeAestheticScore = Annotated[
+    float, typer.Option("--negative-aesthetic-score", help="SDXL refiner: aesthetic score of the unconditional "
+                        "branch")]
+Grid = Annotated[
+    str, typer.Option("--grid", help="SDXL timestep grid: sgm = linspace(999, 0, steps) as SGM since June 2023 and "
+                      "SDXL 1.0; sgm_legacy = range(0, 1000, 1000 // steps) + 1 as the 0.9 release")]
+SChurn = Annotated[float, typer.Option("--s-churn", help="Euler/Heun churn S_churn (Karras et al. alg. 2; 0 = "
+                                       "deterministic)")]
+STmin = Annotated[float, typer.Option("--s-tmin", help="churn only for sigma >= s_tmin")]
+STmax = Annotated[float, typer.Option("--s-tmax", help="churn only for sigma <= s_tmax")]
+SNoise = Annotated[float, typer.Option("--s-noise", help="churn noise multiplier")]
+
+#: The SDXL flags and their SGM-demo defaults, for commands that take an SDXL config.
+SDXL_FLAGS = ("--original-size", "--crop-coords", "--target-size", "--aesthetic-score", "--negative-aesthetic-score",
+              "--grid", "--s-churn", "--s-tmin", "--s-tmax", "--s-noise")
+
+CONFIG_BASE = "configs/sdxl/sd_xl_base.yaml"
+CONFIG_REFINER = "configs/sdxl/sd_xl_refiner.yaml"
+FILE_BASE = "sd_xl_base_0.9.safetensors"
+FILE_REFINER = "sd_xl_refiner_0.9.safetensors"
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class RefineOptions:
+    """Everything an ``sdxl-refine`` run is made from (the flags, resolved), stored in the run manifest."""
+
+    prompt: str
+    refiner_ckpt: Optional[str]
+    ckpt: Optional[str] = None
+    init_img: Optional[str] = None
+    config: str = CONFIG_BASE
+    refiner_config: str = CONFIG_REFINER
+    negative_prompt: str = ""
+    from_file: Optional[str] = None
+    prompt_list: Optional[list[str]] = None
+    outdir: str = "outputs/sdxl-refine-samples"
+    skip_grid: bool = False
+    skip_save: bool = False
+    high_noise_frac: Optional[float] = None
+    strength: Optional[float] = None
+    steps: int = 50
+    sampler: str = "euler"
+    grid: str = "sgm"
+    scale: float = 5.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 999.0
+    s_noise: float = 1.0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    n_samples: int = 1
+    n_iter: int = 1
+    n_rows: int = 0
+    seed: int = 42
+    fixed_code: bool = False
+    original_size: Optional[str] = None
+    crop_coords: Optional[str] = None
+    target_size: Optional[str] = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    precision: str = o.Precision.autocast.value
+    device: str = "auto"
+    command: str = field(default="sdxl-refine")
+
+    @property
+    def two_stage(self) -> bool:
+        return self.init_img is None
+
+
+def resolve_defaults(opts: RefineOptions) -> RefineOptions:
+    """Fill the mode's default: --high-noise-frac 0.8 (SDXL model card) for the hand-over, --strength 0.3 (SGM
+    0.9 demo, diffusers' refiner) for --init-img."""
+    from ldm.sdxl_pipeline import DEFAULT_HIGH_NOISE_FRAC, DEFAULT_REFINE_STRENGTH
+
+    if opts.init_img is None and opts.ckpt is not None and opts.high_noise_frac is None:
+        return replace(opts, high_noise_frac=DEFAULT_HIGH_NOISE_FRAC)
+    if opts.init_img is not None and opts.strength is None:
+        return replace(opts, strength=DEFAULT_REFINE_STRENGTH)
+    return opts
+
+
+def check_refine_options(opts: RefineOptions) -> None:
+    """Validate the flags that need no file (raises SdgenError)."""
+    from ldm.models.diffusion.engine import SDXL_GRIDS
+    from ldm.pipelines import PRECISIONS
+    from ldm.sampling.samplers import SAMPLERS
+    from ldm.sdxl_pipeline import check_high_noise_frac
+
+    if not opts.refiner_ckpt:
+        raise SdgenError(f"sdxl-refine needs the refiner checkpoint: pass --refiner-ckpt {FILE_REFINER}")
+    if opts.init_img and opts.ckpt:
+        raise SdgenError("give either --ckpt (base -> refiner hand-over) or --init-img (refine an image), not both")
+    if not opts.init_img and not opts.ckpt:
+        raise SdgenError(f"pass --ckpt {FILE_BASE} (base -> refiner hand-over) or --init-img IMAGE (refine it)")
+    if opts.two_stage:
+        if opts.strength is not None:
+            raise SdgenError("--strength applies to --init-img; the base -> refiner hand-over uses --high-noise-frac")
+        check_high_noise_frac(opts.high_noise_frac)
+    else:
+        if opts.high_noise_frac is not None:
+            raise SdgenError("--high-noise-frac applies to the base -> refiner hand-over (--ckpt), not to --init-img")
+        if not 0.0 < opts.strength <= 1.0:
+            raise SdgenError(f"--strength must be in (0, 1], got {opts.strength}")
+    for flag, value in (("--steps", opts.steps), ("--n_samples", opts.n_samples), ("--n_iter", opts.n_iter)):
+        if value < 1:
+            raise SdgenError(f"{flag} must be at least 1, got {value}")
+    if opts.steps > 1000:
+        raise SdgenError(f"--steps must be at most 1000 (the training timesteps), got {opts.steps}")
+    if opts.n_rows < 0:
+        raise SdgenError(f"--n_rows must be 0 (= n_samples) or more, got {opts.n_rows}")
+    for flag, value in (("--H", opts.height), ("--W", opts.width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise SdgenError(f"{flag} must be a positive multiple of 8, got {value}")
+    if opts.sampler not in SAMPLERS:
+        raise SdgenError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if opts.grid not in SDXL_GRIDS:
+        raise SdgenError(f"unknown --grid {opts.grid!r} ({', '.join(SDXL_GRIDS)})")
+    if opts.s_churn < 0 or opts.s_noise < 0:
+        raise SdgenError("--s-churn and --s-noise must be >= 0")
+    if opts.precision not in PRECISIONS:
+        raise SdgenError(f"unknown --precision {opts.precision!r} ({', '.join(PRECISIONS)})")
+    for flag, value in (("--original-size", opts.original_size), ("--crop-coords", opts.crop_coords),
+                        ("--target-size", opts.target_size)):
+        parse_pair(flag, value)
+
+
+def sdxl_settings(opts: Any, high_noise_frac: Optional[float] = None):
+    """:class:`ldm.sdxl_pipeline.SDXLSettings` from the SDXL flags of ``opts`` (any object with those fields)."""
+    from ldm.sdxl_pipeline import SDXLSettings
+
+    return SDXLSettings(
+        grid=opts.grid,
+        high_noise_frac=high_noise_frac,
+        original_size=parse_pair("--original-size", opts.original_size),
+        crop_coords=parse_pair("--crop-coords", opts.crop_coords),
+        target_size=parse_pair("--target-size", opts.target_size),
+        aesthetic_score=opts.aesthetic_score,
+        negative_aesthetic_score=opts.negative_aesthetic_score,
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoint roles
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a checkpoint; for .safetensors only the header is read."""
+    from ldm.checkpoint import _is_safetensors, read_state_dict
+
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        except Exception as exc:  # SafetensorError, OSError: not a readable file
+            raise SdgenError(f"cannot read {path} as safetensors: {exc}") from exc
+    return list(read_state_dict(path))
+
+
+def check_checkpoint_role(path: Path, role: str, flag: str) -> None:
+    """Refuse a checkpoint that is not an SDXL ``role`` ("base" | "refiner") file, saying which file is expected.
+
+    The kind is recognised from the key names (:func:`ldm.checkpoint.guess_config`): the base has a CLIP-L
+    embedder (``conditioner.embedders.0.transformer.*``), the refiner only the OpenCLIP one.
+    """
+    from ldm.checkpoint import CONFIG_SDXL_BASE, CONFIG_SDXL_REFINER, guess_config
+
+    guess = guess_config(checkpoint_keys(path))
+    expected_config, expected_file = (
+        (CONFIG_SDXL_BASE, FILE_BASE) if role == "base" else (CONFIG_SDXL_REFINER, FILE_REFINER)
+    )
+    if guess == expected_config:
+        return
+    kinds = {CONFIG_SDXL_BASE: "the SDXL base", CONFIG_SDXL_REFINER: "the SDXL refiner"}
+    if guess in kinds:
+        other = "--ckpt" if guess == CONFIG_SDXL_BASE else "--refiner-ckpt"
+        found = f"{kinds[guess]} checkpoint (pass it as {other})"
+    elif guess is not None:
+        found = f"not an SDXL checkpoint (it needs {guess}: use sdgen txt2img/img2img with that config)"
+    else:
+        found = "not a Stable Diffusion checkpoint sdgen recognises"
+    raise SdgenError(f"{flag} {path.name} is {found}; {flag} expects the SDXL {role} file ({expected_file})")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def load_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Weights dtype: float16 under CUDA fp16 autocast (halves memory; the VAE stays float32), bfloat16 for
+    bf16, float32 otherwise."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and precision in ("autocast", "fp16"):
+        return torch.float16
+    return torch.float32
+
+
+def size_multiple(config: Any) -> int:
+    """Image sides must be multiples of VAE factor x 2 ** (UNet downsamplings) (64 for the SDXL refiner)."""
+    from ldm.pipelines import vae_downsampling_factor
+
+    levels = len(config["model"]["params"]["network_config"]["params"]["channel_mult"])
+    return vae_downsampling_factor(config) * 2 ** (levels - 1)
+
+
+def execute_refine(opts: RefineOptions):
+    """Run ``sdxl-refine`` from its options; returns :class:`ldm.cli.run.RunResult`."""
+    from ldm.checkpoint import file_sha256, load_config, load_model
+    from ldm.cli.output import ImageRecord, OutputFolder, RunManifest, format_parameters, relative_to
+    from ldm.cli.run import SAMPLER_LABELS, RunInterrupted, RunResult, _progress, read_prompts, resolve_device
+    from ldm.models.diffusion.engine import DiffusionEngine
+    from ldm.pipelines import (
+        GenerationRequest,
+        image_to_tensor,
+        prompt_batches,
+        read_image,
+        resolve_checkpoint,
+        vae_downsampling_factor,
+    )
+    from ldm.sdxl_pipeline import generate_sdxl, plan_stages, stage_summary
+
+    opts = resolve_defaults(opts)
+    check_refine_options(opts)
+    prompts = read_prompts(opts)
+    refiner_files = resolve_checkpoint(opts.refiner_ckpt, opts.refiner_config)
+    check_checkpoint_role(refiner_files.checkpoint, "refiner", "--refiner-ckpt")
+    base_files = None
+    if opts.two_stage:
+        base_files = resolve_checkpoint(opts.ckpt, opts.config)
+        check_checkpoint_role(base_files.checkpoint, "base", "--ckpt")
+    refiner_config = load_config(refiner_files.config)
+    base_config = load_config(base_files.config) if base_files else None
+    check_schedule(base_config or refiner_config, opts)
+    multiple = max(size_multiple(c) for c in (refiner_config, base_config) if c is not None)
+
+    init_tensor = None
+    if opts.init_img:
+        init_pil = read_image(opts.init_img)
+        size = None
+        if opts.height is not None or opts.width is not None:
+            size = (opts.width or init_pil.width - init_pil.width % multiple,
+                    opts.height or init_pil.height - init_pil.height % multiple)
+        init_tensor = image_to_tensor(init_pil, size, multiple)
+        height, width = int(init_tensor.shape[1]), int(init_tensor.shape[2])
+    else:
+        height, width = opts.height or 1024, opts.width or 1024
+    for flag, value in (("--H", height), ("--W", width)):
+        if value % multiple:
+            raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for the SDXL models")
+
+    settings = sdxl_settings(opts, opts.high_noise_frac if opts.two_stage else None)
+    request = GenerationRequest(
+        batches=prompt_batches(prompts, opts.n_samples, per_image=opts.from_file is not None
+                               or opts.prompt_list is not None),
+        n_iter=opts.n_iter, negative_prompt=opts.negative_prompt, sampler=opts.sampler, steps=opts.steps,
+        scale=opts.scale, height=height, width=width, factor=vae_downsampling_factor(refiner_config),
+        seed=opts.seed, fixed_code=opts.fixed_code, init_image=init_tensor,
+        strength=opts.strength if opts.strength is not None else 1.0,
+        precision=opts.precision,
+        sampler_options=_sampler_options(opts),
+    )
+    out = OutputFolder(opts.outdir)
+    device = resolve_device(opts.device)
+    dtype = load_dtype(opts.precision, device)
+    refiner_sha = file_sha256(refiner_files.checkpoint)
+    base_sha = file_sha256(base_files.checkpoint) if base_files else None
+    init_sha = file_sha256(opts.init_img) if opts.init_img else None
+
+    base = None
+    if base_files is not None:
+        logger.info("loading the base %s on %s (%s)", base_files.checkpoint, device, dtype)
+        base = load_model(base_config, base_files.checkpoint, device=device, dtype=dtype)
+    logger.info("loading the refiner %s on %s (%s)", refiner_files.checkpoint, device, dtype)
+    refiner = load_model(refiner_config, refiner_files.checkpoint, device=device, dtype=dtype)
+    for name, model in (("--ckpt", base), ("--refiner-ckpt", refiner)):
+        if model is not None and not isinstance(model, DiffusionEngine):
+            raise SdgenError(f"{name}: the config does not build an SDXL DiffusionEngine")
+    stages = plan_stages(request, settings, base, refiner)
+
+    def model_record(files, sha):
+        return {"config": str(files.config), "config_sha256": file_sha256(files.config),
+                "checkpoint": str(files.checkpoint), "checkpoint_sha256": sha, "model_hash": sha[:10]}
+
+    jobs = request.jobs()
+    recorded = RefineOptions(**{**asdict(opts), "outdir": str(out.root.resolve()), "prompt_list": None,
+                                "height": height, "width": width})
+    manifest = RunManifest(out.manifest_path, {
+        "command": opts.command,
+        "versions": {"sdgen": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device": str(device),
+        "options": asdict(recorded),
+        "model": model_record(base_files, base_sha) if base_files else model_record(refiner_files, refiner_sha),
+        "refiner": model_record(refiner_files, refiner_sha),
+        "init_image": {"path": str(Path(opts.init_img).resolve()), "sha256": init_sha} if init_sha else None,
+        "stages": stage_summary(stages),
+        "prompts": prompts,
+        "per_image_prompts": opts.from_file is not None or opts.prompt_list is not None,
+        "sampler": opts.sampler,
+        "steps": opts.steps,
+        "size": [width, height],
+        "seeds": [job.seed for batch in jobs for job in batch],
+    })
+    micro = stages[0].micro
+    main_files, main_sha = (base_files, base_sha) if base_files else (refiner_files, refiner_sha)
+    settings_line = {
+        "Steps": opts.steps,
+        "Sampler": SAMPLER_LABELS.get(opts.sampler, opts.sampler),
+        "Schedule": opts.grid,
+        "CFG scale": opts.scale,
+        "Seed": None,
+        "Size": f"{width}x{height}",
+        "Model hash": main_sha[:10],
+        "Model": main_files.checkpoint.stem,
+        "Denoising strength": opts.strength,
+        "Refiner": f"{refiner_files.checkpoint.stem} [{refiner_sha[:10]}]" if base_files else None,
+        "Refiner switch at": opts.high_noise_frac if base_files else None,
+        "Original size": "{},{}".format(*micro.original_size),
+        "Crop": "{},{}".format(*micro.crop_coords),
+        "Target size": "{},{}".format(*micro.target_size) if base_files else None,
+        "Aesthetic score": f"{opts.aesthetic_score}/{opts.negative_aesthetic_score}",
+        "S churn": opts.s_churn or None,
+        "Batch size": None,
+        "Batch pos": None,
+        "Precision": opts.precision,
+        "Version": f"sdgen {__version__}",
+    }
+    samples: list[Path] = []
+    grid_images: list[np.ndarray] = []
+    first_parameters: Optional[str] = None
+    batch_sizes = {job.batch: len(batch) for batch in jobs for job in batch}
+    with _progress() as progress:
+        batch_task = progress.add_task("batches", total=len(jobs))
+        steps_task = progress.add_task("steps", total=None)
+        try:
+            for image in generate_sdxl(request, settings, base=base, refiner=refiner,
+                                       on_step=lambda done, total: progress.update(steps_task, completed=done,
+                                                                                   total=total)):
+                job = image.job
+                parameters = format_parameters(job.prompt, opts.negative_prompt, {
+                    **settings_line, "Seed": job.seed, "Batch size": batch_sizes[job.batch],
+                    "Batch pos": job.position,
+                })
+                first_parameters = first_parameters or parameters
+                file, digest = None, None
+                if not opts.skip_save:
+                    path, digest = out.save_sample(image.pixels, parameters)
+                    samples.append(path)
+                    file = relative_to(path, out.root)
+                if not opts.skip_grid:
+                    grid_images.append(image.pixels)
+                manifest.add_image(ImageRecord(job.index, job.seed, job.prompt, file, digest))
+                if job.position == batch_sizes[job.batch] - 1:
+                    progress.advance(batch_task)
+        except KeyboardInterrupt:
+            manifest.finish("interrupted")
+            raise RunInterrupted(
+                f"interrupted: kept {manifest.image_count} of {request.num_images} images in {out.root}"
+            ) from None
+        except BaseException:
+            manifest.finish("failed")
+            raise
+    grid = out.save_grid(grid_images, opts.n_rows or opts.n_samples, first_parameters) if grid_images else None
+    manifest.finish("complete", grid)
+    return RunResult(outdir=out.root, samples=samples, grid=grid, manifest=out.manifest_path)
+
+
+def check_schedule(config: Any, opts: RefineOptions) -> None:
+    """Refuse a step count / split / strength that leaves a model without a step, before any model is loaded
+    (the grid comes from the config's discretization, as the loaded model would build it)."""
+    from ldm.sdxl_pipeline import sdedit_sigmas, split_sigmas
+    from ldm.util import instantiate_from_config
+
+    try:
+        disc_cfg = config["model"]["params"]["denoiser_config"]["params"]["discretization_config"]
+    except (KeyError, TypeError) as exc:
+        raise SdgenError("the config has no model.params.denoiser_config (not an SDXL config?)") from exc
+    params = {**dict(disc_cfg.get("params") or {}), "legacy_range": opts.grid == "sgm_legacy"}
+    disc = instantiate_from_config({"target": disc_cfg["target"], "params": params})
+    sigmas = disc(opts.steps)
+    if opts.two_stage:
+        split_sigmas(sigmas, disc(disc.num_timesteps, do_append_zero=False, flip=True), opts.high_noise_frac)
+    else:
+        sdedit_sigmas(sigmas, opts.strength)
+
+
+def _sampler_options(opts: RefineOptions) -> dict[str, float]:
+    if opts.sampler in ("euler", "heun"):
+        return {"s_churn": opts.s_churn, "s_tmin": opts.s_tmin, "s_tmax": opts.s_tmax, "s_noise": opts.s_noise}
+    return {}
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def sdxl_refine(
+    prompt_arg: o.PromptArg = None,
+    prompt: o.Prompt = None,
+    refiner_ckpt: Annotated[Optional[str], typer.Option(
+        "--refiner-ckpt", help=f"the SDXL refiner checkpoint ({FILE_REFINER})", show_default=False)] = None,
+    ckpt: Annotated[Optional[str], typer.Option(
+        "--ckpt", help=f"the SDXL base checkpoint ({FILE_BASE}) for the base -> refiner hand-over",
+        show_default=False)] = None,
+    init_img: Annotated[Optional[str], typer.Option(
+        "--init-img", "--init_img", help="refine this image instead (SDEdit on the refiner)",
+        show_default=False)] = None,
+    high_noise_frac: Annotated[Optional[float], typer.Option(
+        "--high-noise-frac", show_default="0.8", help="share of the noise range the base runs, in (0, 1): the "
+        "base takes the timesteps t >= 1000 * (1 - frac), the refiner continues from that sigma")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        "--strength", show_default="0.3", help="with --init-img: SDEdit strength in (0, 1]; the refiner runs the "
+        "int(strength * (steps + 1)) lowest noise levels of the grid")] = None,
+    negative_prompt: o.NegativePrompt = "",
+    from_file: o.FromFile = None,
+    outdir: o.Outdir = "outputs/sdxl-refine-samples",
+    skip_grid: o.SkipGrid = False,
+    skip_save: o.SkipSave = False,
+    steps: Annotated[int, typer.Option("--steps", "--ddim_steps", help="sampling steps of the whole grid "
+                                       "(shared by base and refiner)")] = 50,
+    sampler: Annotated[str, typer.Option("--sampler", help="sampler (euler = SGM EulerEDM)")] = "euler",
+    grid: Grid = "sgm",
+    scale: o.Scale = 5.0,
+    s_churn: SChurn = 0.0,
+    s_tmin: STmin = 0.0,
+    s_tmax: STmax = 999.0,
+    s_noise: SNoise = 1.0,
+    height: Annotated[Optional[int], typer.Option("--H", "--height", show_default="1024, or the init image's",
+                                                  help="image height in pixels")] = None,
+    width: Annotated[Optional[int], typer.Option("--W", "--width", show_default="1024, or the init image's",
+                                                 help="image width in pixels")] = None,
+    original_size: OriginalSize = None,
+    crop_coords: CropCoords = None,
+    target_size: TargetSize = None,
+    aesthetic_score: AestheticScore = 6.0,
+    negative_aesthetic_score: NegativeAestheticScore = 2.5,
+    n_samples: o.NSamples = 1,
+    n_iter: o.NIter = 1,
+    n_rows: o.NRows = 0,
+    seed: o.Seed = 42,
+    fixed_code: o.FixedCode = False,
+    config: Annotated[str, typer.Option("--config", help="base model config")] = CONFIG_BASE,
+    refiner_config: Annotated[str, typer.Option("--refiner-config", help="refiner model config")] = CONFIG_REFINER,
+    precision: o.PrecisionOpt = o.Precision.autocast,
+    device: o.Device = "auto",
+) -> None:
+    """SDXL base -> refiner hand-over (--ckpt), or refine an image with the refiner (--init-img)."""
+    opts = RefineOptions(
+        prompt=prompt_from(prompt_arg, prompt), refiner_ckpt=refiner_ckpt, ckpt=ckpt, init_img=init_img,
+        config=config, refiner_config=refiner_config, negative_prompt=negative_prompt, from_file=from_file,
+        outdir=outdir, skip_grid=skip_grid, skip_save=skip_save, high_noise_frac=high_noise_frac,
+        strength=strength, steps=steps, sampler=sampler, grid=grid, scale=scale, s_churn=s_churn, s_tmin=s_tmin,
+        s_tmax=s_tmax, s_noise=s_noise, height=height, width=width, n_samples=n_samples, n_iter=n_iter,
+        n_rows=n_rows, seed=seed, fixed_code=fixed_code, original_size=original_size, crop_coords=crop_coords,
+        target_size=target_size, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+        precision=precision.value, device=device,
+    )
+    report(execute_refine(opts))

@@ -1,0 +1,211 @@
+"""``sdgen sdxl-refine`` end to end on the tiny SDXL base and refiner (CPU), in-process and as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from ldm.cli.app import COMMANDS, register
+from ldm.cli.output import load_manifest, png_pixels, read_parameters
+from tests.sdxl_tiny import TINY_CONFIGS, write_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+REGISTERED = any(name == "sdxl-refine" for name, _ in COMMANDS)
+SPEC = "ldm.cli.sdxl_refine:sdxl_refine"
+
+
+def make_app() -> typer.Typer:
+    """The commands involved, registered the way the ``sdgen`` app registers its commands."""
+    app = typer.Typer(pretty_exceptions_enable=False)
+    register(app, "sdxl-refine", SPEC)
+    register(app, "txt2img", "ldm.cli.txt2img:txt2img")
+    return app
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(make_app(), [str(a) for a in args])
+
+
+def assert_error(result, match: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, hash_cache_dir) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("sdxl-tiny")
+    return {kind: write_tiny_checkpoint(kind, folder / f"sd_xl_{kind}_tiny.safetensors") for kind in TINY_CONFIGS}
+
+
+@pytest.fixture
+def common() -> list[str]:
+    return ["--config", TINY_CONFIGS["base"], "--refiner-config", TINY_CONFIGS["refiner"], "--device", "cpu",
+            "--steps", "6"]
+
+
+def samples(folder: Path) -> list[np.ndarray]:
+    return [png_pixels(p) for p in sorted((folder / "samples").glob("*.png"))]
+
+
+def test_two_stage_end_to_end(tmp_path, files, common):
+    out = tmp_path / "out"
+    result = invoke("sdxl-refine", "--prompt", "a lighthouse at dusk", "--ckpt", files["base"], "--refiner-ckpt",
+                    files["refiner"], *common, "--H", "32", "--W", "32", "--n-samples", "2",
+                    "--high-noise-frac", "0.5", "--outdir", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    images = samples(out)
+    assert len(images) == 2 and images[0].shape == (32, 32, 3) and (out / "grid-0000.png").is_file()
+    params = read_parameters(out / "samples" / "00001.png")
+    assert params["Model"] == "sd_xl_base_tiny" and params["Refiner"].startswith("sd_xl_refiner_tiny [")
+    assert params["Refiner switch at"] == "0.5" and params["Seed"] == "43" and params["Sampler"] == "Euler"
+    assert params["Schedule"] == "sgm" and params["CFG scale"] == "5.0"
+    manifest = load_manifest(out / "run-0000.json")
+    assert manifest["status"] == "complete" and manifest["seeds"] == [42, 43]
+    assert manifest["model"]["checkpoint"] == str(files["base"])
+    assert manifest["refiner"]["checkpoint"] == str(files["refiner"])
+    base_stage, refiner_stage = manifest["stages"]
+    assert base_stage["timesteps"] == [999, 832, 666] and refiner_stage["timesteps"] == [499, 333, 166]
+    assert base_stage["sigma_end"] == refiner_stage["sigma_start"] and refiner_stage["sigma_end"] == 0.0
+    # the same run again gives the same pixels (one seed for both stages)
+    again = tmp_path / "again"
+    result = invoke("sdxl-refine", "--prompt", "a lighthouse at dusk", "--ckpt", files["base"], "--refiner-ckpt",
+                    files["refiner"], *common, "--H", "32", "--W", "32", "--n-samples", "2",
+                    "--high-noise-frac", "0.5", "--outdir", again)
+    assert result.exit_code == 0
+    for a, b in zip(images, samples(again)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_refine_an_image_with_sdedit(tmp_path, files, common):
+    init = tmp_path / "base_output.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(init)
+    out = tmp_path / "refined"
+    result = invoke("sdxl-refine", "--init-img", init, "--prompt", "a lighthouse at dusk", "--refiner-ckpt",
+                    files["refiner"], *common, "--strength", "0.5", "--aesthetic-score", "7",
+                    "--crop-coords", "4,8", "--outdir", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    (image,) = samples(out)
+    assert image.shape == (40, 36, 3)  # sides rounded down to the refiner's multiple of 4
+    params = read_parameters(out / "samples" / "00000.png")
+    assert params["Model"] == "sd_xl_refiner_tiny" and "Refiner" not in params
+    assert params["Denoising strength"] == "0.5" and params["Aesthetic score"] == "7.0/2.5"
+    assert params["Crop"] == "4,8" and params["Original size"] == "40,36"
+    (stage,) = load_manifest(out / "run-0000.json")["stages"]
+    assert stage["stage"] == "refiner" and stage["steps"] == 2 and stage["timesteps"] == [333, 166]
+
+
+@pytest.mark.parametrize("frac", ["0", "1", "1.5", "-0.1"])
+def test_high_noise_frac_outside_zero_one_is_refused(tmp_path, files, common, frac):
+    result = invoke("sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["refiner"], *common,
+                    "--high-noise-frac", frac, "--outdir", tmp_path)
+    assert_error(result, "--high-noise-frac must be strictly between 0 and 1")
+
+
+def test_sd1_checkpoint_given_to_sdxl_refine(tmp_path, files, common, tiny_checkpoint):
+    result = invoke("sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", tiny_checkpoint, *common,
+                    "--outdir", tmp_path)
+    line = assert_error(result, "--refiner-ckpt sd1-tiny.safetensors is not an SDXL checkpoint")
+    assert "v1-inference.yaml" in line and "expects the SDXL refiner file (sd_xl_refiner_0.9.safetensors)" in line
+    result = invoke("sdxl-refine", "x", "--ckpt", tiny_checkpoint, "--refiner-ckpt", files["refiner"], *common,
+                    "--outdir", tmp_path)
+    assert_error(result, "expects the SDXL base file (sd_xl_base_0.9.safetensors)")
+
+
+def test_sdxl_checkpoint_given_to_an_sd1_config(tmp_path, files, tiny_config):
+    result = invoke("txt2img", "x", "--ckpt", files["base"], "--config", tiny_config, "--device", "cpu",
+                    "--outdir", tmp_path)
+    assert_error(result, "configs/sdxl/sd_xl_base.yaml")
+
+
+def test_refiner_loaded_with_the_base_config_names_the_refiner_config(tmp_path, files):
+    result = invoke("txt2img", "x", "--ckpt", files["refiner"], "--config", TINY_CONFIGS["base"], "--device", "cpu",
+                    "--H", "32", "--W", "32", "--outdir", tmp_path)
+    assert_error(result, "the file looks like it needs configs/sdxl/sd_xl_refiner.yaml")
+
+
+def test_refiner_passed_as_base_is_detected_from_its_keys(tmp_path, files, common):
+    result = invoke("sdxl-refine", "x", "--ckpt", files["refiner"], "--refiner-ckpt", files["refiner"], *common,
+                    "--outdir", tmp_path)
+    line = assert_error(result, "--ckpt sd_xl_refiner_tiny.safetensors is the SDXL refiner checkpoint")
+    assert "pass it as --refiner-ckpt" in line
+    result = invoke("sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["base"], *common,
+                    "--outdir", tmp_path)
+    assert_error(result, "--refiner-ckpt sd_xl_base_tiny.safetensors is the SDXL base checkpoint (pass it as --ckpt)")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ckpt", "B"], "sdxl-refine needs the refiner checkpoint"),
+        (["--refiner-ckpt", "R"], "pass --ckpt sd_xl_base_0.9.safetensors"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--init-img", "I"], "not both"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--strength", "0.3"], "--strength applies to --init-img"),
+        (["--init-img", "I", "--refiner-ckpt", "R", "--high-noise-frac", "0.8"], "not to --init-img"),
+        (["--init-img", "I", "--refiner-ckpt", "R", "--strength", "1.5"], "--strength must be in (0, 1]"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--grid", "karras"], "unknown --grid 'karras'"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--original-size", "1024"], "--original-size takes two"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--crop-coords", "a,b"], "--crop-coords takes two"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--H", "30"], "--H must be a positive multiple of 8"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--steps", "0"], "--steps must be at least 1"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--sampler", "nope"], "unknown sampler 'nope'"),
+        (["--ckpt", "B", "--refiner-ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+        (["--init-img", "missing.png", "--refiner-ckpt", "R"], "cannot read the init image missing.png"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, files, common, args, message):
+    names = {"B": files["base"], "R": files["refiner"], "I": files["base"]}
+    args = [str(names.get(a, a)) for a in args]
+    result = invoke("sdxl-refine", "x", *common, *args, "--outdir", tmp_path / "out")
+    assert_error(result, message)
+    assert not (tmp_path / "out" / "samples").exists()
+
+
+def test_steps_too_few_for_the_split_are_refused_before_loading(tmp_path, files, common, monkeypatch):
+    import ldm.checkpoint
+
+    monkeypatch.setattr(ldm.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    # 2 steps: t = 999, 499; 0.6 hands over at t = 400, after both
+    result = invoke("sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["refiner"], *common,
+                    "--steps", "2", "--high-noise-frac", "0.6", "--H", "32", "--W", "32", "--outdir", tmp_path)
+    assert_error(result, "leaves the refiner no step")
+    result = invoke("sdxl-refine", "x", "--init-img", files["base"], "--refiner-ckpt", files["refiner"], *common,
+                    "--steps", "2", "--strength", "0.5", "--outdir", tmp_path)
+    assert_error(result, "leaves no denoising step")
+
+
+def test_subprocess_end_to_end(tmp_path, files):
+    if REGISTERED:
+        exe = shutil.which("sdgen")
+        command = [exe] if exe else [sys.executable, "-m", "ldm.cli"]
+    else:  # the app entry point with the command registered the way the app does it
+        command = [sys.executable, "-c", "import sys; from ldm.cli import app; "
+                   f"app.register(app.app, 'sdxl-refine', '{SPEC}'); app.main(sys.argv[1:])"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    args = ["sdxl-refine", "--prompt", "a lighthouse at dusk", "--ckpt", files["base"], "--refiner-ckpt",
+            files["refiner"], "--config", TINY_CONFIGS["base"], "--refiner-config", TINY_CONFIGS["refiner"],
+            "--device", "cpu", "--H", "32", "--W", "32", "--steps", "6", "--outdir", "out"]
+    proc = subprocess.run([*command, *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ready and waiting" in proc.stdout
+    assert read_parameters(tmp_path / "out" / "samples" / "00000.png")["Refiner switch at"] == "0.8"
+    bad = subprocess.run([*command, "sdxl-refine", "x", "--ckpt", str(files["base"]), "--refiner-ckpt",
+                          str(files["refiner"]), "--high-noise-frac", "1.2"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "sdgen: error: --high-noise-frac must be strictly between 0 and 1 (the base's share of the noise range), "
+        "got 1.2"
+    ]
