@@ -120,7 +120,10 @@ def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def _is_safetensors(path: Path) -> bool:
+def is_safetensors(path: PathLike) -> bool:
+    """Whether ``path`` is a safetensors file: by its suffix, else by its header (an 8-byte little-endian
+    header length followed by the JSON header's ``{``). Reads at most 9 bytes."""
+    path = Path(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         return True
     with open(path, "rb") as f:
@@ -189,7 +192,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise SdgenError(f"checkpoint not found: {p}")
-    if _is_safetensors(p):
+    if is_safetensors(p):
         return _read_safetensors(p)
     obj = read_pickle_checkpoint(p)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -9,7 +9,10 @@ seeded ``seed + i`` (:mod:`ldm.sampling.noise`), so it regenerates alone, in any
 
 The model is anything with the LatentDiffusion interface: ``get_learned_conditioning(list[str])``,
 ``apply_model(x, t, cond)``, ``encode_first_stage`` / ``get_first_stage_encoding`` / ``decode_first_stage``,
-``alphas_cumprod`` and ``parameterization``. Other families plug in their own conditioner and denoiser.
+``alphas_cumprod`` and ``parameterization``. A conditioner turns a batch's jobs into the guider's
+``{"cond": ..., "uncond": ...}`` network inputs (:class:`TextConditioner` for text; unCLIP adds its image
+embedding in :class:`ldm.models.diffusion.unclip.ImageVariationConditioning`); SDXL's multi-stage loop
+(:mod:`ldm.sdxl_pipeline`) shares the decode, safety-checker and init-image steps defined here.
 """
 
 from __future__ import annotations
@@ -97,13 +100,40 @@ def vae_downsampling_factor(config: Any) -> int:
         raise SdgenError("the config has no first_stage_config.params.ddconfig.ch_mult (not an SD config?)") from exc
 
 
-def unet_size_multiple(config: Any) -> int:
-    """Latent sides must be multiples of this: 2 ** (number of UNet downsamplings)."""
+def unet_params(config: Any) -> Optional[Mapping[str, Any]]:
+    """The UNet's params in a config: ``unet_config`` (LatentDiffusion) or ``network_config`` (SDXL), else None."""
     try:
-        params = config["model"]["params"]["unet_config"]["params"]
+        params = config["model"]["params"]
+    except (KeyError, TypeError):
+        return None
+    for key in ("unet_config", "network_config"):
+        node = params.get(key, None) if hasattr(params, "get") else None
+        if node is not None:
+            return node.get("params", None) or {}
+    return None
+
+
+def unet_size_multiple(config: Any) -> int:
+    """Latent sides must be multiples of this: 2 ** (number of UNet downsamplings), 1 when unknown."""
+    params = unet_params(config)
+    try:
         return 2 ** (len(params["channel_mult"]) - 1)
     except (KeyError, TypeError):
         return 1
+
+
+def latent_size_multiple(config: Any) -> int:
+    """Image sides must be multiples of this: VAE factor x UNet downsampling (64 for SD and SDXL)."""
+    return vae_downsampling_factor(config) * unet_size_multiple(config)
+
+
+def unet_in_channels(config: Any) -> Optional[int]:
+    """The UNet's input channels (the latent channels C), None when the config does not say."""
+    params = unet_params(config)
+    try:
+        return int(params["in_channels"])
+    except (KeyError, TypeError):
+        return None
 
 
 def check_sampler_grid(config: Any, sampler: str, steps: int) -> None:
@@ -120,13 +150,6 @@ def check_sampler_grid(config: Any, sampler: str, steps: int) -> None:
     except (KeyError, TypeError, AttributeError):
         return
     sampler_sigmas(sampler, schedules.alphas_cumprod_from_betas(betas), steps)
-
-
-def unet_in_channels(config: Any) -> Optional[int]:
-    try:
-        return int(config["model"]["params"]["unet_config"]["params"]["in_channels"])
-    except (KeyError, TypeError):
-        return None
 
 
 # ----------------------------------------------------------------------------- request
@@ -213,6 +236,13 @@ class GenerationRequest:
     def num_images(self) -> int:
         return self.n_iter * sum(len(b) for b in self.batches)
 
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the sampler: ``sampler_options``, plus ``eta`` for DDIM / PLMS."""
+        options = dict(self.sampler_options)
+        if self.sampler in ("ddim", "plms"):
+            options.setdefault("eta", self.eta)
+        return options
+
 
 @dataclass
 class GeneratedImage:
@@ -229,7 +259,8 @@ class Guidance(Protocol):
 
     ``guider(denoiser, scale)`` gives a fresh guider per batch (it may keep per-step state and expose
     ``on_step_end(info)``, which the loop calls from the sampler callback); ``extra_cond(encode, batch_size,
-    scale)`` gives the cond entries it needs besides "cond" and "uncond".
+    scale)`` gives the cond entries it needs besides "cond" and "uncond" (``encode`` is the conditioner's
+    prompts -> cond dict function).
     """
 
     def guider(self, denoiser: Callable[..., torch.Tensor], scale: float) -> Callable[..., torch.Tensor]: ...
@@ -238,18 +269,37 @@ class Guidance(Protocol):
 
 
 class Conditioner(Protocol):
-    """Text -> cond dict for the network (``{"crossattn": (B, L, D), ...}``)."""
+    """A batch of jobs -> the guider's cond: ``{"cond": dict, "uncond": dict}`` of network inputs
+    (``{"crossattn": (B, L, D), "vector": (B, A), ...}``), "uncond" only when ``request.scale != 1``.
 
-    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]: ...
+    ``encode(prompts)`` gives the cond dict of a list of prompts (what a :class:`Guidance` encodes its extra
+    prompts with, e.g. the SLD safety concept).
+    """
+
+    def __call__(self, jobs: Sequence[ImageJob], request: "GenerationRequest") -> dict[str, dict[str, Any]]: ...
+
+    def encode(self, prompts: list[str]) -> dict[str, Any]: ...
 
 
-def text_conditioner(model: Any) -> Conditioner:
-    """SD 1.x / 2.x: ``{"crossattn": model.get_learned_conditioning(prompts)}``."""
+class TextConditioner:
+    """SD 1.x / 2.x text conditioning: each job's prompt, and ``request.negative_prompt`` for the unconditional
+    branch of classifier-free guidance, through ``model.get_learned_conditioning`` (cond key "crossattn").
 
-    def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
-        return {"crossattn": model.get_learned_conditioning(prompts)}
+    Subclasses add per-image inputs to both branches (:class:`ldm.models.diffusion.unclip.ImageVariationConditioning`).
+    """
 
-    return encode
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def encode(self, prompts: list[str]) -> dict[str, Any]:
+        """Prompts -> ``{"crossattn": (len(prompts), L, D)}``."""
+        return {"crossattn": self.model.get_learned_conditioning(list(prompts))}
+
+    def __call__(self, jobs: Sequence[ImageJob], request: "GenerationRequest") -> dict[str, dict[str, Any]]:
+        cond = {"cond": self.encode([job.prompt for job in jobs])}
+        if request.scale != 1.0:
+            cond["uncond"] = self.encode([request.negative_prompt] * len(jobs))
+        return cond
 
 
 def make_denoiser(model: Any, sampler: str) -> Denoiser:
@@ -288,9 +338,14 @@ def img2img_sigmas(sampler: str, sigmas: torch.Tensor, strength: float, steps: i
     return run[0], run
 
 
-def _quantize(images: torch.Tensor) -> np.ndarray:
+def quantize(images: torch.Tensor) -> np.ndarray:
     """Decoder output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating like CV txt2img."""
-    return _to_uint8(torch.clamp((images.float() + 1.0) / 2.0, 0.0, 1.0))
+    return _to_uint8(_to_unit_range(images))
+
+
+def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Decoder output in [-1, 1] -> float32 in [0, 1] (clamped)."""
+    return torch.clamp((images.float() + 1.0) / 2.0, 0.0, 1.0)
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -298,7 +353,40 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
 
 
+def finished_images(
+    decoded: torch.Tensor, jobs: Sequence[ImageJob], safety_checker: Optional[Any] = None
+) -> Iterator[GeneratedImage]:
+    """A decoded batch (B, 3, H, W) in [-1, 1] -> one :class:`GeneratedImage` per job.
+
+    With a ``safety_checker`` (:class:`ldm.safety.checker.SafetyChecker`) flagged images come out black
+    (CV txt2img ``check_safety`` on the decoded [0, 1] images, before quantisation).
+    """
+    x01 = _to_unit_range(decoded)
+    flagged: list[Optional[bool]] = [None] * len(jobs)
+    if safety_checker is not None:
+        from ldm.safety.checker import apply_safety_checker
+
+        x01, checked = apply_safety_checker(x01, safety_checker)
+        flagged = list(checked)
+    for job, pixels, flag in zip(jobs, _to_uint8(x01), flagged):
+        yield GeneratedImage(job, pixels, flag)
+
+
+def encode_init_image(model: Any, image: torch.Tensor, precision: str) -> Any:
+    """The VAE posterior of an init image (3, H, W) in [-1, 1], encoded once per run (float32 input)."""
+    device = model_device(model)
+    with precision_context(precision, device):
+        return model.encode_first_stage(image[None].to(device=device, dtype=torch.float32))
+
+
+def sample_init_latents(model: Any, posterior: Any, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One posterior sample per image (image i draws from ``generators[i]``), scaled: (B, C, h, w) float32."""
+    params = posterior.parameters.expand(len(generators), *posterior.parameters.shape[1:])
+    return model.get_first_stage_encoding(type(posterior)(params), generator=list(generators)).float()
+
+
 StepCallback = Callable[[int, int], None]
+BatchCallback = Callable[[list[ImageJob]], None]
 
 
 @torch.no_grad()
@@ -307,7 +395,7 @@ def generate(
     request: GenerationRequest,
     *,
     on_step: Optional[StepCallback] = None,
-    on_batch: Optional[Callable[[list[ImageJob]], None]] = None,
+    on_batch: Optional[BatchCallback] = None,
     conditioner: Optional[Conditioner] = None,
     denoiser: Optional[Callable[..., torch.Tensor]] = None,
     guidance: Optional[Guidance] = None,
@@ -318,10 +406,11 @@ def generate(
     Args:
         on_step: called as ``on_step(done, total)`` after each sampler step of a batch.
         on_batch: called with the batch's jobs before it starts.
-        conditioner / denoiser: replace the SD text conditioner / the apply_model denoiser.
+        conditioner: the batch's cond / uncond (:class:`Conditioner`); default :class:`TextConditioner`.
+        denoiser: replaces the apply_model denoiser (:func:`make_denoiser`).
         guidance: replaces classifier-free guidance (e.g. Safe Latent Diffusion), see :class:`Guidance`.
         safety_checker: a :class:`ldm.safety.checker.SafetyChecker`; flagged images come out black
-            (CV txt2img ``check_safety`` on the decoded [0, 1] images, before quantisation).
+            (:func:`finished_images`).
     """
     if request.sampler not in SAMPLERS:
         raise SdgenError(f"unknown sampler {request.sampler!r} ({', '.join(SAMPLERS)})")
@@ -330,8 +419,8 @@ def generate(
             f"the init image is {request.init_image.shape[-1]}x{request.init_image.shape[-2]} but the request "
             f"asks for {request.width}x{request.height}"
         )
-    device = _model_device(model)
-    encode = conditioner or text_conditioner(model)
+    device = model_device(model)
+    conditioning = conditioner or TextConditioner(model)
     base = denoiser or make_denoiser(model, request.sampler)
     sampler = SAMPLERS[request.sampler]
     sigmas = sampler_sigmas(request.sampler, model.alphas_cumprod, request.steps)
@@ -339,12 +428,8 @@ def generate(
     init_posterior = None
     if request.init_image is not None:
         start_sigma, sigmas = img2img_sigmas(request.sampler, sigmas, request.strength, request.steps)
-        with precision_context(request.precision, device):
-            image = request.init_image[None].to(device=device, dtype=torch.float32)
-            init_posterior = model.encode_first_stage(image)
-    options = dict(request.sampler_options)
-    if request.sampler in ("ddim", "plms"):
-        options.setdefault("eta", request.eta)
+        init_posterior = encode_init_image(model, request.init_image, request.precision)
+    options = request.sampler_kwargs()
     total_steps = len(sigmas) - 1
     shape = request.latent_shape
 
@@ -356,19 +441,18 @@ def generate(
         # image i's first draw is its initial noise (same for txt2img and img2img), then its posterior sample
         noise = noise_lib.initial_noise(shape, seeds, device=device, generators=generators)
         with precision_context(request.precision, device):
-            cond = {"cond": encode([job.prompt for job in jobs])}
-            if request.scale != 1.0:
-                cond["uncond"] = encode([request.negative_prompt] * len(jobs))
+            cond = conditioning(jobs, request)
             if guidance is None:
                 guided = CFGDenoiser(base, request.scale)
             else:
                 guided = guidance.guider(base, request.scale)
-                cond.update(guidance.extra_cond(encode, len(jobs), request.scale))
+                cond.update(guidance.extra_cond(conditioning.encode, len(jobs), request.scale))
             step_end = getattr(guided, "on_step_end", None)
             if init_posterior is None:
                 x = initial_x(noise, sigmas)
             else:
-                x = _img2img_start(model, init_posterior, noise, generators, start_sigma, sigmas, request.sampler)
+                z0 = sample_init_latents(model, init_posterior, generators)
+                x = _img2img_start(z0, noise, start_sigma, sigmas, request.sampler)
             noise_sampler = noise_lib.BatchedNoiseSampler(seeds, shape, device=device, generators=generators)
 
             def callback(info: Mapping[str, Any]) -> None:
@@ -380,30 +464,13 @@ def generate(
             x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=callback,
                         noise_sampler=noise_sampler, **options)
             images = model.decode_first_stage(final_latent(x, sigmas))
-        x01 = torch.clamp((images.float() + 1.0) / 2.0, 0.0, 1.0)
-        flagged: list[Optional[bool]] = [None] * len(jobs)
-        if safety_checker is not None:
-            from ldm.safety.checker import apply_safety_checker
-
-            x01, checked = apply_safety_checker(x01, safety_checker)
-            flagged = list(checked)
-        for job, pixels, flag in zip(jobs, _to_uint8(x01), flagged):
-            yield GeneratedImage(job, pixels, flag)
+        yield from finished_images(images, jobs, safety_checker)
 
 
 def _img2img_start(
-    model: Any,
-    posterior: Any,
-    noise: torch.Tensor,
-    generators: Sequence[torch.Generator],
-    start_sigma: torch.Tensor,
-    sigmas: torch.Tensor,
-    sampler: str,
+    z0: torch.Tensor, noise: torch.Tensor, start_sigma: torch.Tensor, sigmas: torch.Tensor, sampler: str
 ) -> torch.Tensor:
-    """Sampler input for img2img: the init latent (one posterior sample per image) noised to ``start_sigma``."""
-    batch = noise.shape[0]
-    params = posterior.parameters.expand(batch, *posterior.parameters.shape[1:])
-    z0 = model.get_first_stage_encoding(type(posterior)(params), generator=list(generators)).float()
+    """Sampler input for img2img: the init latents ``z0`` (B, C, h, w) noised to ``start_sigma``."""
     if DEFAULT_GRID[sampler] == "ddim":
         # CV DDIMSampler.stochastic_encode in VP space, then the sampler's VE variable at the grid's start
         z_enc = schedules.compvis_stochastic_encode(z0, noise, start_sigma)
@@ -411,7 +478,8 @@ def _img2img_start(
     return schedules.sgm_img2img_start(z0, noise, torch.as_tensor(start_sigma))
 
 
-def _model_device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """The device of a model: its ``device`` attribute, else that of its first parameter."""
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device

@@ -26,8 +26,16 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ldm.errors import SdgenError
-from ldm.models.diffusion.engine import SDXL_GRIDS, DiffusionEngine, MicroConditioning
-from ldm.pipelines import GeneratedImage, GenerationRequest, ImageJob, _quantize, precision_context
+from ldm.models.diffusion.engine import SDXL_GRIDS, SDXL_SAMPLING_DEFAULTS, DiffusionEngine, MicroConditioning
+from ldm.pipelines import (
+    GeneratedImage,
+    GenerationRequest,
+    ImageJob,
+    encode_init_image,
+    finished_images,
+    precision_context,
+    sample_init_latents,
+)
 from ldm.sampling import noise as noise_lib
 from ldm.sampling import schedules
 from ldm.sampling.guidance import CFGDenoiser
@@ -210,11 +218,6 @@ def plan_stages(
 # ----------------------------------------------------------------------------- the loop
 
 
-def _encode_init(model: DiffusionEngine, image: torch.Tensor, precision: str) -> Any:
-    with precision_context(precision, model.device):
-        return model.encode_first_stage(image[None].to(device=model.device, dtype=torch.float32))
-
-
 @torch.no_grad()
 def generate_sdxl(
     request: GenerationRequest,
@@ -224,6 +227,7 @@ def generate_sdxl(
     refiner: Optional[DiffusionEngine] = None,
     on_step: Optional[Callable[[int, int], None]] = None,
     on_batch: Optional[Callable[[list[ImageJob]], None]] = None,
+    safety_checker: Optional[Any] = None,
 ) -> Iterator[GeneratedImage]:
     """Run ``request`` on the SDXL models, yielding each image once its batch is decoded.
 
@@ -231,7 +235,8 @@ def generate_sdxl(
     the SDXL grid of ``settings.grid`` with the SGM denoiser (sigma quantised to the nearest training step);
     ``request.sampler_options`` go to the sampler (e.g. ``s_churn``). ``request.negative_prompt`` is the
     unconditional prompt (the base ignores an empty one: zero embeddings, see
-    :meth:`DiffusionEngine.get_cond_uncond`).
+    :meth:`DiffusionEngine.get_cond_uncond`). With a ``safety_checker`` flagged images come out black
+    (:func:`ldm.pipelines.finished_images`).
     """
     if request.sampler not in SAMPLERS:
         raise SdgenError(f"unknown sampler {request.sampler!r} ({', '.join(SAMPLERS)})")
@@ -242,12 +247,12 @@ def generate_sdxl(
                     float(stage.sigmas[0]), float(stage.sigmas[-1]))
     first, last = stages[0], stages[-1]
     device = first.model.device
-    options = dict(request.sampler_options)
-    if request.sampler in ("ddim", "plms"):
-        options.setdefault("eta", request.eta)
+    options = request.sampler_kwargs()
     total = sum(stage.steps for stage in stages)
     shape = request.latent_shape
-    posterior = _encode_init(first.model, request.init_image, request.precision) if request.init_image is not None else None
+    posterior = None
+    if request.init_image is not None:
+        posterior = encode_init_image(first.model, request.init_image, request.precision)
 
     for jobs in request.jobs():
         if on_batch is not None:
@@ -261,8 +266,7 @@ def generate_sdxl(
             if posterior is None:
                 x = initial_x(noise, first.sigmas)
             else:
-                params = posterior.parameters.expand(len(jobs), *posterior.parameters.shape[1:])
-                z0 = first.model.get_first_stage_encoding(type(posterior)(params), generator=generators).float()
+                z0 = sample_init_latents(first.model, posterior, generators)
                 x = schedules.sgm_img2img_start(z0, noise, first.sigmas[0])
             noise_sampler = noise_lib.BatchedNoiseSampler(seeds, shape, device=device, generators=generators)
             done = 0
@@ -281,8 +285,7 @@ def generate_sdxl(
                 )
                 done += stage.steps
             images = last.model.decode_first_stage(final_latent(x, last.sigmas))
-        for job, pixels in zip(jobs, _quantize(images)):
-            yield GeneratedImage(job, pixels)
+        yield from finished_images(images, jobs, safety_checker)
 
 
 def stage_summary(stages: Sequence[Stage]) -> list[dict[str, Any]]:
@@ -299,3 +302,59 @@ def stage_summary(stages: Sequence[Stage]) -> list[dict[str, Any]]:
             "micro_conditioning": stage.micro.as_dict(),
         })
     return out
+
+
+# ----------------------------------------------------------------------------- configs (before any model is loaded)
+
+
+def is_sdxl_config(config: Any) -> bool:
+    """Whether a loaded config builds a :class:`DiffusionEngine` (its ``model.target``, aliases resolved)."""
+    from ldm.util import get_obj_from_str
+
+    try:
+        target = config["model"]["target"]
+        cls = get_obj_from_str(str(target))
+    except (KeyError, TypeError, SdgenError, ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, DiffusionEngine)
+
+
+def sdxl_sampling_defaults(config: Any) -> dict[str, Any]:
+    """The sampling defaults the config's engine will have (:attr:`DiffusionEngine.sampling_defaults`):
+    :data:`SDXL_SAMPLING_DEFAULTS` updated with the config's ``model.params.sampling_defaults``."""
+    from omegaconf import OmegaConf
+
+    own = config["model"].get("params", {}).get("sampling_defaults", None) or {}
+    if OmegaConf.is_config(own):
+        own = OmegaConf.to_container(own, resolve=True)
+    return {**SDXL_SAMPLING_DEFAULTS, **dict(own)}
+
+
+def config_sigmas(config: Any, steps: int, grid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sampling grid (steps + 1,) ending in 0, ascending training sigma table) from an SDXL config's
+    discretization, as the loaded engine's :meth:`~DiffusionEngine.get_sigmas` builds them.
+
+    Raises:
+        SdgenError: the config has no ``denoiser_config`` (not an SDXL config) or the grid is unknown.
+    """
+    from ldm.util import instantiate_from_config
+
+    if grid not in SDXL_GRIDS:
+        raise SdgenError(f"unknown --grid {grid!r} ({', '.join(SDXL_GRIDS)})")
+    try:
+        disc_cfg = config["model"]["params"]["denoiser_config"]["params"]["discretization_config"]
+    except (KeyError, TypeError) as exc:
+        raise SdgenError("the config has no model.params.denoiser_config (not an SDXL config?)") from exc
+    params = {**dict(disc_cfg.get("params") or {}), "legacy_range": grid == "sgm_legacy"}
+    disc = instantiate_from_config({"target": disc_cfg["target"], "params": params})
+    return disc(steps), disc(disc.num_timesteps, do_append_zero=False, flip=True)
+
+
+def load_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Weights dtype of an SDXL model: float16 under CUDA fp16 autocast (halves memory; the VAE runs in float32),
+    bfloat16 for bf16, float32 otherwise."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and precision in ("autocast", "fp16"):
+        return torch.float16
+    return torch.float32

@@ -130,3 +130,16 @@ def test_config_geometry(tiny_config):
     assert pipelines.vae_downsampling_factor(config) == 2
     assert pipelines.unet_size_multiple(config) == 2
     assert pipelines.unet_in_channels(config) == 4
+    assert pipelines.latent_size_multiple(config) == 4
+
+
+def test_config_geometry_reads_the_sdxl_network_config():
+    """SDXL configs name the UNet ``network_config``; the released base needs sides in multiples of 32."""
+    from ldm.checkpoint import load_config
+    from ldm.sdxl_pipeline import is_sdxl_config, sdxl_sampling_defaults
+
+    config = load_config("configs/sdxl/sd_xl_base.yaml")
+    assert pipelines.unet_in_channels(config) == 4 and pipelines.unet_size_multiple(config) == 4
+    assert pipelines.latent_size_multiple(config) == 32
+    assert is_sdxl_config(config) and not is_sdxl_config(load_config("configs/tests/sd1-tiny.yaml"))
+    assert sdxl_sampling_defaults(config)["sampler"] == "euler"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -11,23 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import typer
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from ldm.cli.app import COMMANDS, register
-from ldm.cli.options import GenerateOptions
+from ldm.cli.app import register
 from ldm.cli.output import load_manifest, png_pixels, read_parameters
-from ldm.safety.checker import SafetyChecker
+from tests.safety_tiny import write_flag_all_checker
 
 REPO = Path(__file__).resolve().parent.parent
-
-# The generation options carry the safety/SLD settings once the shared pipeline is wired for them.
-_FIELDS = {f.name for f in dataclasses.fields(GenerateOptions)}
-WIRED = {"sld", "safety_checker", "no_safety_checker", "watermark"} <= _FIELDS
-pytestmark = pytest.mark.skipif(not WIRED, reason="the shared generation options have no SLD / safety fields yet")
-REGISTERED = any(name == "safe-txt2img" for name, _ in COMMANDS)
 
 
 def make_app() -> typer.Typer:
@@ -103,17 +93,8 @@ def test_missing_checker_weights(tmp_path: Path, model_args: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def flag_all_checker(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checker whose thresholds every image exceeds (cosine - (-2) > 0): it flags everything."""
-    torch.manual_seed(0)
-    checker = SafetyChecker({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                             "num_attention_heads": 1, "image_size": 32, "patch_size": 8}, projection_dim=16)
-    with torch.no_grad():
-        checker.concept_embeds_weights.fill_(-2.0)
-        checker.special_care_embeds_weights.fill_(2.0)
-    sd = {k: v.contiguous() for k, v in checker.state_dict().items() if not k.endswith("position_ids")}
-    path = tmp_path_factory.mktemp("checker") / "flag-all.safetensors"
-    save_file(sd, str(path))
-    return path
+    """A tiny checker that flags every image."""
+    return write_flag_all_checker(tmp_path_factory.mktemp("checker") / "flag-all.safetensors")
 
 
 def test_safe_txt2img_end_to_end(tmp_path: Path, model_args: list[str], caplog) -> None:
@@ -175,7 +156,6 @@ def test_watermark_flag(tmp_path: Path, model_args: list[str]) -> None:
         assert load_manifest(out / "run-0000.json")["safety"]["watermark"] == expected
 
 
-@pytest.mark.skipif(not REGISTERED, reason="safe-txt2img is not registered in the sdgen app yet")
 def test_subprocess(tmp_path: Path, tiny_checkpoint: Path, tiny_config: Path) -> None:
     exe = shutil.which("sdgen")
     command = [exe] if exe else [sys.executable, "-m", "ldm.cli"]

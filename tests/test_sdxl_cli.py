@@ -1,4 +1,5 @@
-"""``sdgen sdxl-refine`` end to end on the tiny SDXL base and refiner (CPU), in-process and as a subprocess."""
+"""SDXL through the commands, on the tiny SDXL base and refiner (CPU): ``sdgen sdxl-refine`` in-process and as a
+subprocess, and ``sdgen txt2img`` / ``img2img`` with an SDXL config (the SDXL pipeline, its flags and defaults)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from ldm.cli.app import COMMANDS, register
+from ldm.cli.app import register
 from ldm.cli.output import load_manifest, png_pixels, read_parameters
-from tests.sdxl_tiny import TINY_CONFIGS, write_tiny_checkpoint
+from tests.safety_tiny import write_flag_all_checker
+from tests.sdxl_tiny import SIZE, TINY_CONFIGS, tiny_engine, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-REGISTERED = any(name == "sdxl-refine" for name, _ in COMMANDS)
 SPEC = "ldm.cli.sdxl_refine:sdxl_refine"
 
 
@@ -28,6 +29,7 @@ def make_app() -> typer.Typer:
     app = typer.Typer(pretty_exceptions_enable=False)
     register(app, "sdxl-refine", SPEC)
     register(app, "txt2img", "ldm.cli.txt2img:txt2img")
+    register(app, "img2img", "ldm.cli.img2img:img2img")
     return app
 
 
@@ -186,12 +188,8 @@ def test_steps_too_few_for_the_split_are_refused_before_loading(tmp_path, files,
 
 
 def test_subprocess_end_to_end(tmp_path, files):
-    if REGISTERED:
-        exe = shutil.which("sdgen")
-        command = [exe] if exe else [sys.executable, "-m", "ldm.cli"]
-    else:  # the app entry point with the command registered the way the app does it
-        command = [sys.executable, "-c", "import sys; from ldm.cli import app; "
-                   f"app.register(app.app, 'sdxl-refine', '{SPEC}'); app.main(sys.argv[1:])"]
+    exe = shutil.which("sdgen")
+    command = [exe] if exe else [sys.executable, "-m", "ldm.cli"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     args = ["sdxl-refine", "--prompt", "a lighthouse at dusk", "--ckpt", files["base"], "--refiner-ckpt",
@@ -209,3 +207,130 @@ def test_subprocess_end_to_end(tmp_path, files):
         "sdgen: error: --high-noise-frac must be strictly between 0 and 1 (the base's share of the noise range), "
         "got 1.2"
     ]
+
+
+# ----------------------------------------------------------------------------- txt2img / img2img with an SDXL config
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    return tiny_engine("base")
+
+
+def library_images(base, **request) -> list[np.ndarray]:
+    """The library run (:func:`ldm.sdxl_pipeline.generate_sdxl` on the base) the command must reproduce."""
+    from ldm.pipelines import GenerationRequest
+    from ldm.sdxl_pipeline import SDXLSettings, generate_sdxl
+
+    settings = SDXLSettings(**request.pop("settings", {}))
+    defaults = dict(sampler="euler", steps=2, scale=5.0, height=SIZE, width=SIZE, factor=2, seed=42)
+    return [image.pixels for image in generate_sdxl(GenerationRequest(**{**defaults, **request}), settings, base=base)]
+
+
+def test_txt2img_with_an_sdxl_config_runs_the_sdxl_pipeline(tmp_path, files, tiny_base):
+    out = tmp_path / "out"
+    result = invoke("txt2img", "a lighthouse at dusk", "--config", TINY_CONFIGS["base"], "--ckpt", files["base"],
+                    "--device", "cpu", "--H", SIZE, "--W", SIZE, "--steps", 2, "--n_samples", 2, "--n_iter", 1,
+                    "--outdir", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    expected = library_images(tiny_base, batches=[["a lighthouse at dusk"] * 2])
+    for got, want in zip(samples(out), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    params = read_parameters(out / "samples" / "00001.png")  # no sampler / scale flag: the SGM demo's defaults
+    assert params["Sampler"] == "Euler" and params["CFG scale"] == "5.0" and params["Schedule"] == "sgm"
+    assert params["Original size"] == "32,32" and params["Crop"] == "0,0" and params["Target size"] == "32,32"
+    manifest = load_manifest(out / "run-0000.json")
+    assert manifest["options"]["sampler"] == "euler" and manifest["options"]["scale"] == 5.0
+    (stage,) = manifest["stages"]
+    assert stage["timesteps"] == [999, 499] and stage["sigma_end"] == 0.0
+    assert manifest["safety"]["watermark"] == format(0xB3EC907BB19E, "048b")  # the SGM 48-bit message
+
+    # the micro-conditioning flags reach the model
+    flagged = tmp_path / "flags"
+    result = invoke("txt2img", "a lighthouse at dusk", "--config", TINY_CONFIGS["base"], "--ckpt", files["base"],
+                    "--device", "cpu", "--H", SIZE, "--W", SIZE, "--steps", 2, "--n_samples", 1, "--n_iter", 1,
+                    "--original-size", "512,256", "--crop-coords", "8,4", "--grid", "sgm_legacy", "--outdir", flagged)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    settings = {"original_size": (512, 256), "crop_coords": (8, 4), "grid": "sgm_legacy"}
+    np.testing.assert_array_equal(samples(flagged)[0], library_images(tiny_base, batches=[["a lighthouse at dusk"]],
+                                                                        settings=settings)[0])
+    assert not np.array_equal(samples(flagged)[0], expected[0])
+    params = read_parameters(flagged / "samples" / "00000.png")
+    assert params["Original size"] == "512,256" and params["Crop"] == "8,4" and params["Schedule"] == "sgm_legacy"
+
+
+def test_img2img_with_an_sdxl_config_is_sdedit(tmp_path, files, tiny_base):
+    import torch
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(init)
+    out = tmp_path / "out"
+    result = invoke("img2img", "a lighthouse at dusk", "--init-img", init, "--strength", "0.6", "--steps", 4,
+                    "--config", TINY_CONFIGS["base"], "--ckpt", files["base"], "--device", "cpu", "--n_samples", 1,
+                    "--outdir", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    image = torch.from_numpy(np.asarray(Image.open(init), dtype=np.float32) / 255.0).permute(2, 0, 1) * 2 - 1
+    expected = library_images(tiny_base, batches=[["a lighthouse at dusk"]], steps=4, init_image=image, strength=0.6)
+    np.testing.assert_array_equal(samples(out)[0], expected[0])
+    (stage,) = load_manifest(out / "run-0000.json")["stages"]
+    # SGM pruning: the int(0.6 * 5) = 3 lowest of [sigma(t) for t = 999, 749, 499, 249] + [0]
+    assert stage["timesteps"] == [499, 249]
+    assert read_parameters(out / "samples" / "00000.png")["Denoising strength"] == "0.6"
+
+
+def test_model_family_defaults_fill_unset_flags(tmp_path, files, tiny_checkpoint, tiny_config):
+    """Unset steps / sampler / scale / size take the family's defaults: SGM's for SDXL, CompVis's otherwise."""
+    from ldm.cli.options import GenerateOptions
+    from ldm.cli.run import plan_run
+
+    def planned(command: str, config: Path, ckpt: Path, **kw) -> GenerateOptions:
+        opts = GenerateOptions(command=command, config=str(config), ckpt=str(ckpt), device="cpu",
+                               outdir=str(tmp_path / command), **kw)
+        return plan_run(opts).opts
+
+    sdxl = planned("txt2img", TINY_CONFIGS["base"], files["base"])
+    assert (sdxl.sampler, sdxl.steps, sdxl.scale, sdxl.height, sdxl.width, sdxl.grid) == ("euler", 50, 5.0, 1024,
+                                                                                           1024, "sgm")
+    sd1 = planned("txt2img", tiny_config, tiny_checkpoint)
+    assert (sd1.sampler, sd1.steps, sd1.scale, sd1.height, sd1.width, sd1.grid) == ("ddim", 50, 7.5, 512, 512, None)
+    init = tmp_path / "init.png"
+    Image.new("RGB", (24, 16)).save(init)
+    sd1_img2img = planned("img2img", tiny_config, tiny_checkpoint, init_img=str(init))
+    assert (sd1_img2img.scale, sd1_img2img.height) == (5.0, None)
+    given = planned("txt2img", TINY_CONFIGS["base"], files["base"], steps=3, scale=2.0, sampler="heun", height=64)
+    assert (given.sampler, given.steps, given.scale, given.height, given.width) == ("heun", 3, 2.0, 64, 1024)
+
+
+def test_sdxl_flags_sld_and_short_schedules_are_refused_before_loading(tmp_path, files, tiny_checkpoint, tiny_config,
+                                                                 monkeypatch):
+    import ldm.checkpoint
+
+    monkeypatch.setattr(ldm.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    result = invoke("txt2img", "x", "--config", tiny_config, "--ckpt", tiny_checkpoint, "--H", 16, "--W", 16,
+                    "--aesthetic-score", "7", "--crop-coords", "0,8", "--outdir", tmp_path)
+    assert_error(result, "--crop-coords, --aesthetic-score apply to SDXL models only")
+    app = make_app()
+    register(app, "safe-txt2img", "ldm.cli.safe_txt2img:safe_txt2img")
+    result = CliRunner().invoke(app, ["safe-txt2img", "x", "--config", str(TINY_CONFIGS["base"]), "--ckpt",
+                                      str(files["base"]), "--H", "32", "--W", "32", "--outdir", str(tmp_path)])
+    assert_error(result, "Safe Latent Diffusion runs SD 1.x / 2.x models")
+    init = tmp_path / "init.png"
+    Image.new("RGB", (SIZE, SIZE)).save(init)
+    result = invoke("img2img", "x", "--init-img", init, "--config", TINY_CONFIGS["base"], "--ckpt", files["base"],
+                    "--steps", 2, "--strength", "0.3", "--outdir", tmp_path)
+    assert_error(result, "leaves no denoising step")  # SDEdit on the SDXL grid: int(0.3 * 3) < 2
+
+
+def test_safety_flags_of_sdxl_refine(tmp_path, files, common):
+    checker = write_flag_all_checker(tmp_path / "flag-all.safetensors")
+    args = ["sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["refiner"], *common, "--steps", 2,
+            "--H", SIZE, "--W", SIZE, "--high-noise-frac", "0.5"]
+    result = invoke(*args, "--safety-checker", checker, "--outdir", tmp_path / "flagged")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert samples(tmp_path / "flagged")[0].max() == 0, "a flagged image must be saved black"
+    assert read_parameters(tmp_path / "flagged" / "samples" / "00000.png")["Safety checker"] == "flagged"
+    result = invoke(*args, "--safety-checker", checker, "--no-safety-checker", "--no-watermark",
+                    "--outdir", tmp_path / "off")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert samples(tmp_path / "off")[0].max() > 0
+    assert load_manifest(tmp_path / "off" / "run-0000.json")["safety"] == {"checker": None, "watermark": None}

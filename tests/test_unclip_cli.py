@@ -20,6 +20,7 @@ from ldm.checkpoint import build_model_on_meta, load_config
 from ldm.cli.output import png_pixels, read_parameters
 from ldm.cli.unclip_variate import UnclipOptions, execute_unclip, options_from_manifest
 from tests.conftest import randomized_state_dict
+from tests.safety_tiny import write_flag_all_checker
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {v: str(REPO / "configs" / "tests" / f"unclip-{v}-tiny.yaml") for v in ("l", "h")}
@@ -187,6 +188,21 @@ def test_replay_from_the_manifest(cli, files, tmp_path) -> None:
     assert isinstance(opts, UnclipOptions) and opts.noise_level == 100
     execute_unclip(opts, expect=expect)
     assert all(np.array_equal(x, y) for x, y in zip(_samples(tmp_path / "out"), _samples(tmp_path / "again")))
+
+
+def test_safety_checker_and_watermark_flags(cli, files, tmp_path) -> None:
+    """The flags of every command: flagged images are saved black, the SD 2 watermark message is recorded."""
+    checker = write_flag_all_checker(tmp_path / "flag-all.safetensors")
+    assert cli(*_small(files, tmp_path / "flagged", "h", "--safety-checker", checker)).exit_code == 0
+    assert all(image.max() == 0 for image in _samples(tmp_path / "flagged"))
+    assert read_parameters(tmp_path / "flagged" / "samples" / "00001.png")["Safety checker"] == "flagged"
+    manifest = json.loads((tmp_path / "flagged" / "run-0000.json").read_text())
+    assert manifest["safety"] == {"checker": str(checker), "watermark": "SDV2"}
+    assert cli(*_small(files, tmp_path / "off", "h", "--safety-checker", checker, "--no-safety-checker",
+                       "--no-watermark")).exit_code == 0
+    assert all(image.max() > 0 for image in _samples(tmp_path / "off"))
+    manifest = json.loads((tmp_path / "off" / "run-0000.json").read_text())
+    assert manifest["safety"] == {"checker": None, "watermark": None}
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -173,18 +173,21 @@ def test_sd2v_ddim10_differs_when_treated_as_eps(sd2v) -> None:
 
 def test_ddim10_through_generate_and_the_image_hook(unclip) -> None:
     """The whole library path of ``unclip-variate``: generate() + ImageVariationConditioning put the ADM vector
-    on the conditional rows and zeros on the unconditional ones; the final latent is the golden run's."""
+    on the conditional branch and zeros on the unconditional one; the final latent is the golden run's."""
     from ldm import pipelines
     from ldm.models.diffusion.unclip import ImageVariationConditioning
 
     data = case_data("unclip-l")
     texts = {"golden cond": data["c"], "golden uncond": data["uc"]}
-    hook = ImageVariationConditioning(unclip, pipelines.make_denoiser(unclip, "ddim"),
-                                      [torch.zeros(3, 32, 32)], noise_level=100)
 
-    def on_batch(jobs) -> None:
-        hook.on_batch(jobs)
-        hook.adm = data["noise_aug.level100.adm"]  # the golden noise draw instead of the image's own
+    class GoldenInputs(ImageVariationConditioning):
+        """The golden run's text embeddings and noise draw instead of the model's own."""
+
+        def encode(self, prompts):
+            return {"crossattn": torch.cat([texts[p] for p in prompts])}
+
+        def adm_vectors(self, jobs):
+            return data["noise_aug.level100.adm"]
 
     latents = []
 
@@ -196,10 +199,10 @@ def test_ddim10_through_generate_and_the_image_hook(unclip) -> None:
         batches=[["golden cond"]], negative_prompt="golden uncond", sampler="ddim", steps=10, scale=SCALE,
         height=32, width=32, factor=2, seed=1, precision="full",  # seed 1 draws the golden x_T
     )
+    conditioner = GoldenInputs(unclip, [torch.zeros(3, 32, 32)], noise_level=100)
     unclip.decode_first_stage = decode
     try:
-        images = list(pipelines.generate(unclip, request, on_batch=on_batch, denoiser=hook, conditioner=lambda
-                                         prompts: {"crossattn": torch.cat([texts[p] for p in prompts])}))
+        images = list(pipelines.generate(unclip, request, conditioner=conditioner))
     finally:
         del unclip.decode_first_stage
     assert len(images) == 1 and len(latents) == 1

@@ -1,9 +1,13 @@
-"""``sdgen img2img``: variations of an input image (CompVis ``scripts/img2img.py``, same flags and defaults)."""
+"""``sdgen img2img``: variations of an input image (CompVis ``scripts/img2img.py``, same flags and defaults).
+
+With an SDXL config the run is SDEdit on that model (SGM's img2img: the ``int(strength * (steps + 1))`` lowest
+noise levels of the grid), with the SDXL micro-conditioning flags and the SGM demo's sampling defaults.
+"""
 
 from __future__ import annotations
 
 from ldm.cli import options as o
-from ldm.cli.txt2img import prompt_from, report
+from ldm.cli.txt2img import report
 
 
 def img2img(
@@ -16,7 +20,7 @@ def img2img(
     outdir: o.Outdir = "outputs/img2img-samples",
     skip_grid: o.SkipGrid = False,
     skip_save: o.SkipSave = False,
-    steps: o.Steps = 50,
+    steps: o.ModelSteps = None,
     plms: o.Plms = False,
     dpm_solver: o.DpmSolver = False,
     sampler: o.Sampler = None,
@@ -28,7 +32,7 @@ def img2img(
     factor: o.Factor = None,
     n_samples: o.NSamples = 2,
     n_rows: o.NRows = 0,
-    scale: o.Scale = 5.0,
+    scale: o.ModelScale = None,
     seed: o.Seed = 42,
     fixed_code: o.FixedCode = False,
     config: o.Config = None,
@@ -38,39 +42,14 @@ def img2img(
     safety_checker: o.SafetyCheckerPath = None,
     no_safety_checker: o.NoSafetyChecker = False,
     no_watermark: o.NoWatermark = False,
+    grid: o.Grid = None,
+    original_size: o.OriginalSize = None,
+    crop_coords: o.CropCoords = None,
+    target_size: o.TargetSize = None,
+    aesthetic_score: o.AestheticScore = None,
+    negative_aesthetic_score: o.NegativeAestheticScore = None,
 ) -> None:
     """Make variations of an input image guided by a prompt (CompVis scripts/img2img.py flags and defaults)."""
     from ldm.cli.run import execute
 
-    options = o.GenerateOptions(
-        command="img2img",
-        prompt=prompt_from(prompt_arg, prompt),
-        negative_prompt=negative_prompt,
-        from_file=from_file,
-        outdir=outdir,
-        skip_grid=skip_grid,
-        skip_save=skip_save,
-        steps=steps,
-        sampler=o.pick_sampler(sampler, plms, dpm_solver),
-        eta=eta,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        n_rows=n_rows,
-        scale=scale,
-        height=height,
-        width=width,
-        latent_channels=latent_channels,
-        factor=factor,
-        seed=seed,
-        fixed_code=fixed_code,
-        config=config,
-        ckpt=ckpt,
-        precision=precision.value,
-        device=device,
-        init_img=init_img,
-        strength=strength,
-        safety_checker=safety_checker,
-        no_safety_checker=no_safety_checker,
-        watermark=not no_watermark,
-    )
-    report(execute(options))
+    report(execute(o.options_from_flags(o.GenerateOptions, "img2img", locals())))

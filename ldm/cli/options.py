@@ -2,14 +2,16 @@
 
 Every flag of the CompVis ``scripts/txt2img.py`` / ``scripts/img2img.py`` keeps its original spelling
 (``--ddim_steps``, ``--n_samples``, ``--H`` ...) next to a dashed one (``--ddim-steps``, ``--steps``); the
-defaults of each command live in its own module (txt2img.py, img2img.py) as the originals had them.
+defaults of each command live in its own module (txt2img.py, img2img.py) as the originals had them. The
+sampling flags txt2img / img2img leave unset (steps, scale, sampler, size) take the model family's defaults
+(:data:`COMPVIS_DEFAULTS`, or the SGM demo's for an SDXL config), filled in once the config is read.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Mapping, Optional, TypeVar
 
 import typer
 
@@ -17,6 +19,24 @@ from ldm.errors import SdgenError
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # CV scripts/txt2img.py
 SAMPLER_NAMES = ("ddim", "plms", "dpmpp_2m", "euler", "euler_ancestral", "heun")
+
+#: Sampling defaults of the original scripts (CV scripts/txt2img.py, scripts/img2img.py) for every model that is
+#: not SDXL (img2img takes its size from the init image); SDXL configs bring the SGM demo's
+#: (:func:`ldm.sdxl_pipeline.sdxl_sampling_defaults`: Euler, 50 steps, scale 5.0, 1024 x 1024).
+COMPVIS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "txt2img": {"sampler": "ddim", "steps": 50, "scale": 7.5, "height": 512, "width": 512},
+    "img2img": {"sampler": "ddim", "steps": 50, "scale": 5.0},
+}
+
+#: The SDXL micro-conditioning / grid fields of :class:`GenerateOptions` and their flags.
+SDXL_FIELDS = {
+    "grid": "--grid",
+    "original_size": "--original-size",
+    "crop_coords": "--crop-coords",
+    "target_size": "--target-size",
+    "aesthetic_score": "--aesthetic-score",
+    "negative_aesthetic_score": "--negative-aesthetic-score",
+}
 
 
 class Precision(str, Enum):
@@ -33,11 +53,14 @@ class Precision(str, Enum):
 class GenerateOptions:
     """Everything a txt2img / img2img run is made from (the flags, resolved), stored in the run manifest.
 
-    ``height``/``width`` are pixels (None for img2img: the init image's size); ``factor`` None means the
-    config's VAE downsampling factor; ``config``/``ckpt`` None mean the original scripts' default paths.
-    ``prompt_list`` (set by ``sdgen replay``) replaces reading ``from_file`` again. ``safety_checker`` is a
-    checker weights file (None: the model config's ``safety_checker`` entry, if any); ``sld`` the Safe Latent
-    Diffusion settings (:func:`ldm.sld_config.options_record`), None for plain classifier-free guidance.
+    ``steps``/``sampler``/``scale``/``height``/``width`` None mean the model family's default (filled in by
+    :func:`ldm.cli.run.plan_run`; a recorded run holds the values used); ``height``/``width`` stay None for
+    img2img (the init image's size). ``factor`` None means the config's VAE downsampling factor;
+    ``config``/``ckpt`` None mean the original scripts' default paths. ``prompt_list`` (set by ``sdgen
+    replay``) replaces reading ``from_file`` again. ``safety_checker`` is a checker weights file (None: the
+    model config's ``safety_checker`` entry, if any); ``sld`` the Safe Latent Diffusion settings
+    (:func:`ldm.sld_config.options_record`), None for plain classifier-free guidance. The SDXL fields
+    (:data:`SDXL_FIELDS`, None: the SGM demo's values) apply to SDXL configs only.
     """
 
     command: str
@@ -47,15 +70,15 @@ class GenerateOptions:
     outdir: str = "outputs/txt2img-samples"
     skip_grid: bool = False
     skip_save: bool = False
-    steps: int = 50
-    sampler: str = "ddim"
+    steps: Optional[int] = None
+    sampler: Optional[str] = None
     eta: float = 0.0
     n_samples: int = 3
     n_iter: int = 2
     n_rows: int = 0
-    scale: float = 7.5
-    height: Optional[int] = 512
-    width: Optional[int] = 512
+    scale: Optional[float] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
     latent_channels: int = 4
     factor: Optional[int] = None
     seed: int = 42
@@ -71,6 +94,12 @@ class GenerateOptions:
     no_safety_checker: bool = False
     watermark: bool = True
     sld: Optional[dict[str, Any]] = None
+    grid: Optional[str] = None
+    original_size: Optional[str] = None
+    crop_coords: Optional[str] = None
+    target_size: Optional[str] = None
+    aesthetic_score: Optional[float] = None
+    negative_aesthetic_score: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,18 +111,89 @@ class GenerateOptions:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def pick_sampler(sampler: Optional[str], plms: bool, dpm_solver: bool) -> str:
-    """The sampler name from ``--sampler`` and the originals' ``--plms`` / ``--dpm_solver`` switches."""
+def pick_sampler(sampler: Optional[str], plms: bool, dpm_solver: bool) -> Optional[str]:
+    """The sampler name from ``--sampler`` and the originals' ``--plms`` / ``--dpm_solver`` switches (None when
+    none is given: the model's default)."""
     chosen = [name for name, on in (("plms", plms), ("dpmpp_2m", dpm_solver)) if on]
     if len(chosen) > 1:
         raise SdgenError("--plms and --dpm_solver exclude each other; pick one (or use --sampler)")
     if sampler is not None and chosen and chosen[0] != sampler:
         raise SdgenError(f"--sampler {sampler} contradicts --{'plms' if plms else 'dpm_solver'}")
-    return sampler or (chosen[0] if chosen else "ddim")
+    return sampler or (chosen[0] if chosen else None)
 
 
 def sampler_help() -> str:
-    return "sampler: " + ", ".join(SAMPLER_NAMES) + " (default ddim; --plms / --dpm_solver pick those)"
+    return ("sampler: " + ", ".join(SAMPLER_NAMES) + " (default ddim, euler for SDXL; --plms / --dpm_solver pick "
+            "those)")
+
+
+def prompt_from(argument: Optional[str], option: Optional[str], default: str = DEFAULT_PROMPT) -> str:
+    """The prompt from the positional argument or ``--prompt`` (not both), else ``default``."""
+    if argument is not None and option is not None:
+        raise SdgenError("give the prompt either as an argument or with --prompt, not both")
+    if argument is not None:
+        return argument
+    return option if option is not None else default
+
+
+Options = TypeVar("Options")
+
+
+def options_from_flags(cls: type[Options], command: str, flags: Mapping[str, Any], **values: Any) -> Options:
+    """The options dataclass ``cls`` of ``command`` from a command function's flag values (its ``locals()``).
+
+    The flags' spellings map onto the fields: the positional prompt or ``--prompt`` (:func:`prompt_from`),
+    ``--plms`` / ``--dpm_solver`` / ``--sampler`` (:func:`pick_sampler`), ``--precision`` (its value),
+    ``--no-watermark`` (``watermark``); other flags named like a field are copied, the rest (a command's own
+    flags) left out. ``values`` set fields directly (they win).
+    """
+    flags = dict(flags)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    out: dict[str, Any] = {"command": command}
+    if "prompt" in flags or "prompt_arg" in flags:
+        out["prompt"] = prompt_from(flags.pop("prompt_arg", None), flags.pop("prompt", None))
+    if "plms" in flags or "dpm_solver" in flags:
+        out["sampler"] = pick_sampler(flags.pop("sampler", None), flags.pop("plms", False),
+                                      flags.pop("dpm_solver", False))
+    if isinstance(flags.get("precision"), Enum):
+        flags["precision"] = flags["precision"].value
+    if "no_watermark" in flags:
+        out["watermark"] = not flags.pop("no_watermark")
+    out.update({k: v for k, v in flags.items() if k in known and k not in out})
+    out.update(values)
+    return cls(**out)
+
+
+def parse_pair(flag: str, value: Optional[str]) -> Optional[tuple[int, int]]:
+    """``"1024,768"`` -> (1024, 768): two non-negative integers, height (or top) first as in SGM."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.replace(" ", ",").split(",") if p.strip()]
+    try:
+        pair = tuple(int(p) for p in parts)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 0:
+        raise SdgenError(f"{flag} takes two non-negative integers HEIGHT,WIDTH (or TOP,LEFT), got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def sdxl_settings(opts: Any, high_noise_frac: Optional[float] = None):
+    """:class:`ldm.sdxl_pipeline.SDXLSettings` from the SDXL fields of ``opts`` (any object with them; None
+    scores mean the SGM demo's 6.0 / 2.5, a None grid "sgm")."""
+    from ldm.models.diffusion.engine import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
+    from ldm.sdxl_pipeline import SDXLSettings
+
+    return SDXLSettings(
+        grid=opts.grid or "sgm",
+        high_noise_frac=high_noise_frac,
+        original_size=parse_pair("--original-size", opts.original_size),
+        crop_coords=parse_pair("--crop-coords", opts.crop_coords),
+        target_size=parse_pair("--target-size", opts.target_size),
+        aesthetic_score=AESTHETIC_SCORE if opts.aesthetic_score is None else opts.aesthetic_score,
+        negative_aesthetic_score=(NEGATIVE_AESTHETIC_SCORE if opts.negative_aesthetic_score is None
+                                  else opts.negative_aesthetic_score),
+    )
 
 
 # Flag declarations shared by the commands (Annotated aliases; defaults are set per command).
@@ -109,7 +209,8 @@ FromFile = Annotated[
 Outdir = Annotated[str, typer.Option("--outdir", help="write results to this folder")]
 SkipGrid = Annotated[bool, typer.Option("--skip_grid", "--skip-grid", help="do not save a grid, only samples")]
 SkipSave = Annotated[bool, typer.Option("--skip_save", "--skip-save", help="do not save individual samples")]
-Steps = Annotated[int, typer.Option("--ddim_steps", "--ddim-steps", "--steps", help="number of sampling steps")]
+Steps = Annotated[
+    Optional[int], typer.Option("--ddim_steps", "--ddim-steps", "--steps", help="number of sampling steps")]
 Plms = Annotated[bool, typer.Option("--plms", help="use PLMS sampling (= --sampler plms)")]
 DpmSolver = Annotated[
     bool, typer.Option("--dpm_solver", "--dpm-solver", help="use DPM-Solver++(2M) (= --sampler dpmpp_2m)")]
@@ -120,9 +221,24 @@ NIter = Annotated[int, typer.Option("--n_iter", "--n-iter", help="sample this of
 NSamples = Annotated[
     int, typer.Option("--n_samples", "--n-samples", help="how many samples per prompt, a.k.a. batch size")]
 NRows = Annotated[int, typer.Option("--n_rows", "--n-rows", help="images per grid row (0: n_samples)")]
-Scale = Annotated[float, typer.Option("--scale", help="classifier-free guidance scale (1.0: no guidance)")]
-Height = Annotated[int, typer.Option("--H", "--height", help="image height in pixels (a multiple of 8 and of --f)")]
-Width = Annotated[int, typer.Option("--W", "--width", help="image width in pixels (a multiple of 8 and of --f)")]
+Scale = Annotated[Optional[float], typer.Option("--scale", help="classifier-free guidance scale (1.0: no guidance)")]
+Height = Annotated[
+    Optional[int], typer.Option("--H", "--height", help="image height in pixels (a multiple of 8 and of --f)")]
+Width = Annotated[
+    Optional[int], typer.Option("--W", "--width", help="image width in pixels (a multiple of 8 and of --f)")]
+# the same flags where an unset one takes the model family's default (txt2img, img2img)
+ModelSteps = Annotated[
+    Optional[int], typer.Option("--ddim_steps", "--ddim-steps", "--steps", show_default="50",
+                                help="number of sampling steps")]
+ModelScale = Annotated[
+    Optional[float], typer.Option("--scale", show_default="7.5 (img2img 5.0); 5.0 for SDXL",
+                                  help="classifier-free guidance scale (1.0: no guidance)")]
+ModelHeight = Annotated[
+    Optional[int], typer.Option("--H", "--height", show_default="512; 1024 for SDXL",
+                                help="image height in pixels (a multiple of 8 and of --f)")]
+ModelWidth = Annotated[
+    Optional[int], typer.Option("--W", "--width", show_default="512; 1024 for SDXL",
+                                help="image width in pixels (a multiple of 8 and of --f)")]
 LatentChannels = Annotated[int, typer.Option("--C", "--latent-channels", help="latent channels")]
 Factor = Annotated[
     Optional[int], typer.Option("--f", "--downsampling-factor", show_default="the config's VAE factor",
@@ -159,3 +275,24 @@ NoSafetyChecker = Annotated[
 NoWatermark = Annotated[
     bool, typer.Option("--no-watermark", help="do not embed the invisible watermark (dwtDct) of the original "
                        "scripts")]
+
+# SDXL flags (txt2img / img2img with an SDXL config, and sdxl-refine)
+OriginalSize = Annotated[
+    Optional[str], typer.Option("--original-size", show_default="the image size",
+                                help="SDXL micro-conditioning: apparent size of the training image, HEIGHT,WIDTH")]
+CropCoords = Annotated[
+    Optional[str], typer.Option("--crop-coords", show_default="0,0",
+                                help="SDXL micro-conditioning: crop offset TOP,LEFT (0,0 = centred, uncropped look)")]
+TargetSize = Annotated[
+    Optional[str], typer.Option("--target-size", show_default="the image size",
+                                help="SDXL base micro-conditioning: target size HEIGHT,WIDTH")]
+AestheticScore = Annotated[
+    Optional[float], typer.Option("--aesthetic-score", show_default="6.0",
+                                  help="SDXL refiner: aesthetic score of the conditional branch")]
+NegativeAestheticScore = Annotated[
+    Optional[float], typer.Option("--negative-aesthetic-score", show_default="2.5",
+                                  help="SDXL refiner: aesthetic score of the unconditional branch")]
+Grid = Annotated[
+    Optional[str], typer.Option("--grid", show_default="sgm", help="SDXL timestep grid: sgm = linspace(999, 0, "
+                                "steps) as SGM since June 2023 and SDXL 1.0; sgm_legacy = range(0, 1000, 1000 // "
+                                "steps) + 1 as the 0.9 release")]

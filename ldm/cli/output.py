@@ -18,10 +18,10 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -181,10 +181,18 @@ class OutputFolder:
         self.next_sample += 1
         return path, digest
 
-    def save_grid(self, images: Sequence[np.ndarray], n_rows: int, parameters: str | None) -> Path:
-        """Write ``grid-NNNN.png`` of this run and return its path."""
+    def save_grid(
+        self,
+        images: Sequence[np.ndarray],
+        n_rows: int,
+        parameters: str | None,
+        postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    ) -> Path:
+        """Write ``grid-NNNN.png`` of this run (``postprocess``, e.g. the watermark, applied to the whole grid)
+        and return its path."""
         path = self.grid_path
-        self._save(make_grid(images, n_rows), path, parameters)
+        grid = make_grid(images, n_rows)
+        self._save(postprocess(grid) if postprocess is not None else grid, path, parameters)
         return path
 
     @staticmethod
@@ -266,6 +274,20 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if data.get("format_version", 0) > MANIFEST_VERSION:
         raise SdgenError(f"{path} was written by a newer sdgen (manifest version {data['format_version']})")
     return data
+
+
+def options_from_record(cls: type, data: Mapping[str, Any], outdir: str | None = None,
+                        device: str | None = None) -> Any:
+    """The options dataclass ``cls`` of a recorded run (a manifest's ``options``; unknown keys from other versions
+    are ignored), with the per-image prompts of the manifest and the output folder / device overridden when
+    given (for ``sdgen replay``)."""
+    known = {f.name for f in fields(cls)}
+    opts = cls(**{k: v for k, v in data["options"].items() if k in known})
+    if data.get("per_image_prompts"):
+        opts.prompt_list = list(data["prompts"])
+    opts.outdir = outdir or opts.outdir
+    opts.device = device or data.get("device", opts.device)
+    return opts
 
 
 def _now() -> str:

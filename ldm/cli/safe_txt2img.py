@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from ldm.cli import options as o
-from ldm.cli.txt2img import prompt_from, report
+from ldm.cli.txt2img import report
 from ldm.sld_config import PRESET_NAMES, SLDParams, options_record, resolve_sld_params
 
 SLDPreset = Annotated[
@@ -97,6 +97,7 @@ def safe_txt2img(
     no_watermark: o.NoWatermark = False,
 ) -> None:
     """Generate images from a text prompt with Safe Latent Diffusion guidance away from inappropriate content."""
+    flags = dict(locals())
     from ldm.cli.run import execute
 
     source, params = sld_settings(
@@ -109,34 +110,4 @@ def safe_txt2img(
         momentum_beta=sld_momentum_beta,
         safety_concept=safety_concept,
     )
-    options = o.GenerateOptions(
-        command="safe-txt2img",
-        prompt=prompt_from(prompt_arg, prompt),
-        negative_prompt=negative_prompt,
-        from_file=from_file,
-        outdir=outdir,
-        skip_grid=skip_grid,
-        skip_save=skip_save,
-        steps=steps,
-        sampler=o.pick_sampler(sampler, plms, dpm_solver),
-        eta=eta,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        n_rows=n_rows,
-        scale=scale,
-        height=height,
-        width=width,
-        latent_channels=latent_channels,
-        factor=factor,
-        seed=seed,
-        fixed_code=fixed_code,
-        config=config,
-        ckpt=ckpt,
-        precision=precision.value,
-        device=device,
-        safety_checker=safety_checker,
-        no_safety_checker=no_safety_checker,
-        watermark=not no_watermark,
-        sld=options_record(params, source),
-    )
-    report(execute(options))
+    report(execute(o.options_from_flags(o.GenerateOptions, "safe-txt2img", flags, sld=options_record(params, source))))

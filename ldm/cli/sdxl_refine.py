@@ -7,71 +7,32 @@ The first runs the two-stage pipeline of the SDXL model card (the base denoises 
 ``--high-noise-frac`` of the timesteps, the refiner finishes the same latents with the same prompt and seed);
 the second is the SGM 0.9 demo's refinement: img2img (SDEdit) on the refiner with ``--strength``. Defaults
 are the SGM demo's: Euler, 50 steps, guidance 5.0, 1024 x 1024, seed 42. The micro-conditioning flags
-(``--original-size`` ...) are also meant for ``sdgen txt2img`` with an SDXL config (see :data:`SDXL_FLAGS`).
+(``--original-size`` ...) are shared with ``sdgen txt2img`` / ``img2img`` on an SDXL config
+(:mod:`ldm.cli.options`), and so are the output, safety checker and watermark flags (:func:`ldm.cli.run.write_run`).
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Mapping, Optional
 
-import numpy as np
-import torch
 import typer
 
-from ldm import __version__
 from ldm.cli import options as o
-from ldm.cli.txt2img import prompt_from, report
+from ldm.cli.txt2img import report
 from ldm.errors import SdgenError
 
 logger = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------- SDXL flags (shared with txt2img)
+# ----------------------------------------------------------------------------- the command's own flags
 
-
-def parse_pair(flag: str, value: Optional[str]) -> Optional[tuple[int, int]]:
-    """``"1024,768"`` -> (1024, 768): two non-negative integers, height (or top) first as in SGM."""
-    if value is None:
-        return None
-    parts = [p.strip() for p in value.replace(" ", ",").split(",") if p.strip()]
-    try:
-        pair = tuple(int(p) for p in parts)
-    except ValueError:
-        pair = ()
-    if len(pair) != 2 or min(pair) < 0:
-        raise SdgenError(f"{flag} takes two non-negative integers HEIGHT,WIDTH (or TOP,LEFT), got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-OriginalSize = Annotated[
-    Optional[str], typer.Option("--original-size", show_default="the image size",
-                                help="SDXL micro-conditioning: apparent size of the training image, HEIGHT,WIDTH")]
-CropCoords = Annotated[
-    Optional[str], typer.Option("--crop-coords", show_default="0,0",
-                                help="SDXL micro-conditioning: crop offset TOP,LEFT (0,0 = centred, uncropped look)")]
-TargetSize = Annotated[
-    Optional[str], typer.Option("--target-size", show_default="the image size",
-                                help="SDXL base micro-conditioning: target size HEIGHT,WIDTH")]
-AestheticScore = Annotated[float, typer.Option("--aesthetic-score", help="SDXL refiner: aesthetic score of the "
-                                               "conditional branch")]
-NegativeAestheticScore = Annotated[
-    float, typer.Option("--negative-aesthetic-score", help="SDXL refiner: aesthetic score of the unconditional "
-                        "branch")]
-Grid = Annotated[
-    str, typer.Option("--grid", help="SDXL timestep grid: sgm = linspace(999, 0, steps) as SGM since June 2023 and "
-                      "SDXL 1.0; sgm_legacy = range(0, 1000, 1000 // steps) + 1 as the 0.9 release")]
 SChurn = Annotated[float, typer.Option("--s-churn", help="Euler/Heun churn S_churn (Karras et al. alg. 2; 0 = "
                                        "deterministic)")]
 STmin = Annotated[float, typer.Option("--s-tmin", help="churn only for sigma >= s_tmin")]
 STmax = Annotated[float, typer.Option("--s-tmax", help="churn only for sigma <= s_tmax")]
 SNoise = Annotated[float, typer.Option("--s-noise", help="churn noise multiplier")]
-
-#: The SDXL flags and their SGM-demo defaults, for commands that take an SDXL config.
-SDXL_FLAGS = ("--original-size", "--crop-coords", "--target-size", "--aesthetic-score", "--negative-aesthetic-score",
-              "--grid", "--s-churn", "--s-tmin", "--s-tmax", "--s-noise")
 
 CONFIG_BASE = "configs/sdxl/sd_xl_base.yaml"
 CONFIG_REFINER = "configs/sdxl/sd_xl_refiner.yaml"
@@ -121,6 +82,9 @@ class RefineOptions:
     negative_aesthetic_score: float = 2.5
     precision: str = o.Precision.autocast.value
     device: str = "auto"
+    safety_checker: Optional[str] = None
+    no_safety_checker: bool = False
+    watermark: bool = True
     command: str = field(default="sdxl-refine")
 
     @property
@@ -182,22 +146,7 @@ def check_refine_options(opts: RefineOptions) -> None:
         raise SdgenError(f"unknown --precision {opts.precision!r} ({', '.join(PRECISIONS)})")
     for flag, value in (("--original-size", opts.original_size), ("--crop-coords", opts.crop_coords),
                         ("--target-size", opts.target_size)):
-        parse_pair(flag, value)
-
-
-def sdxl_settings(opts: Any, high_noise_frac: Optional[float] = None):
-    """:class:`ldm.sdxl_pipeline.SDXLSettings` from the SDXL flags of ``opts`` (any object with those fields)."""
-    from ldm.sdxl_pipeline import SDXLSettings
-
-    return SDXLSettings(
-        grid=opts.grid,
-        high_noise_frac=high_noise_frac,
-        original_size=parse_pair("--original-size", opts.original_size),
-        crop_coords=parse_pair("--crop-coords", opts.crop_coords),
-        target_size=parse_pair("--target-size", opts.target_size),
-        aesthetic_score=opts.aesthetic_score,
-        negative_aesthetic_score=opts.negative_aesthetic_score,
-    )
+        o.parse_pair(flag, value)
 
 
 # ----------------------------------------------------------------------------- checkpoint roles
@@ -205,9 +154,9 @@ def sdxl_settings(opts: Any, high_noise_frac: Optional[float] = None):
 
 def checkpoint_keys(path: Path) -> list[str]:
     """The tensor names of a checkpoint; for .safetensors only the header is read."""
-    from ldm.checkpoint import _is_safetensors, read_state_dict
+    from ldm.checkpoint import is_safetensors, read_state_dict
 
-    if _is_safetensors(path):
+    if is_safetensors(path):
         from safetensors import safe_open
 
         try:
@@ -246,39 +195,35 @@ def check_checkpoint_role(path: Path, role: str, flag: str) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def load_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Weights dtype: float16 under CUDA fp16 autocast (halves memory; the VAE stays float32), bfloat16 for
-    bf16, float32 otherwise."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and precision in ("autocast", "fp16"):
-        return torch.float16
-    return torch.float32
-
-
-def size_multiple(config: Any) -> int:
-    """Image sides must be multiples of VAE factor x 2 ** (UNet downsamplings) (64 for the SDXL refiner)."""
-    from ldm.pipelines import vae_downsampling_factor
-
-    levels = len(config["model"]["params"]["network_config"]["params"]["channel_mult"])
-    return vae_downsampling_factor(config) * 2 ** (levels - 1)
-
-
-def execute_refine(opts: RefineOptions):
-    """Run ``sdxl-refine`` from its options; returns :class:`ldm.cli.run.RunResult`."""
+def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] = None):
+    """Run ``sdxl-refine`` from its options; returns :class:`ldm.cli.run.RunResult`. ``expect`` holds hashes a
+    replay must find (``checkpoint_sha256`` of the run's main model, ``refiner_checkpoint_sha256``,
+    ``init_image_sha256``)."""
     from ldm.checkpoint import file_sha256, load_config, load_model
-    from ldm.cli.output import ImageRecord, OutputFolder, RunManifest, format_parameters, relative_to
-    from ldm.cli.run import SAMPLER_LABELS, RunInterrupted, RunResult, _progress, read_prompts, resolve_device
+    from ldm.cli.output import OutputFolder
+    from ldm.cli.run import (
+        RunOutput,
+        absolute,
+        check_expectations,
+        fit_init_image,
+        model_record,
+        png_settings,
+        read_prompts,
+        resolve_device,
+        run_header,
+        write_run,
+    )
     from ldm.models.diffusion.engine import DiffusionEngine
     from ldm.pipelines import (
         GenerationRequest,
-        image_to_tensor,
+        latent_size_multiple,
         prompt_batches,
         read_image,
         resolve_checkpoint,
         vae_downsampling_factor,
     )
-    from ldm.sdxl_pipeline import generate_sdxl, plan_stages, stage_summary
+    from ldm.safety.postprocess import OutputSafety
+    from ldm.sdxl_pipeline import generate_sdxl, load_dtype, plan_stages, stage_summary
 
     opts = resolve_defaults(opts)
     check_refine_options(opts)
@@ -292,16 +237,11 @@ def execute_refine(opts: RefineOptions):
     refiner_config = load_config(refiner_files.config)
     base_config = load_config(base_files.config) if base_files else None
     check_schedule(base_config or refiner_config, opts)
-    multiple = max(size_multiple(c) for c in (refiner_config, base_config) if c is not None)
+    multiple = max(latent_size_multiple(c) for c in (refiner_config, base_config) if c is not None)
 
     init_tensor = None
     if opts.init_img:
-        init_pil = read_image(opts.init_img)
-        size = None
-        if opts.height is not None or opts.width is not None:
-            size = (opts.width or init_pil.width - init_pil.width % multiple,
-                    opts.height or init_pil.height - init_pil.height % multiple)
-        init_tensor = image_to_tensor(init_pil, size, multiple)
+        init_tensor = fit_init_image(read_image(opts.init_img), opts.height, opts.width, multiple)
         height, width = int(init_tensor.shape[1]), int(init_tensor.shape[2])
     else:
         height, width = opts.height or 1024, opts.width or 1024
@@ -309,10 +249,10 @@ def execute_refine(opts: RefineOptions):
         if value % multiple:
             raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for the SDXL models")
 
-    settings = sdxl_settings(opts, opts.high_noise_frac if opts.two_stage else None)
+    settings = o.sdxl_settings(opts, opts.high_noise_frac if opts.two_stage else None)
+    per_image_prompts = opts.from_file is not None or opts.prompt_list is not None
     request = GenerationRequest(
-        batches=prompt_batches(prompts, opts.n_samples, per_image=opts.from_file is not None
-                               or opts.prompt_list is not None),
+        batches=prompt_batches(prompts, opts.n_samples, per_image=per_image_prompts),
         n_iter=opts.n_iter, negative_prompt=opts.negative_prompt, sampler=opts.sampler, steps=opts.steps,
         scale=opts.scale, height=height, width=width, factor=vae_downsampling_factor(refiner_config),
         seed=opts.seed, fixed_code=opts.fixed_code, init_image=init_tensor,
@@ -326,6 +266,11 @@ def execute_refine(opts: RefineOptions):
     refiner_sha = file_sha256(refiner_files.checkpoint)
     base_sha = file_sha256(base_files.checkpoint) if base_files else None
     init_sha = file_sha256(opts.init_img) if opts.init_img else None
+    main_files, main_sha = (base_files, base_sha) if base_files else (refiner_files, refiner_sha)
+    check_expectations(expect, {"checkpoint_sha256": main_sha, "refiner_checkpoint_sha256": refiner_sha,
+                                "init_image_sha256": init_sha})
+    safety = OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
+                                  model_config=refiner_config, device=device)
 
     base = None
     if base_files is not None:
@@ -338,40 +283,22 @@ def execute_refine(opts: RefineOptions):
             raise SdgenError(f"{name}: the config does not build an SDXL DiffusionEngine")
     stages = plan_stages(request, settings, base, refiner)
 
-    def model_record(files, sha):
-        return {"config": str(files.config), "config_sha256": file_sha256(files.config),
-                "checkpoint": str(files.checkpoint), "checkpoint_sha256": sha, "model_hash": sha[:10]}
-
-    jobs = request.jobs()
-    recorded = RefineOptions(**{**asdict(opts), "outdir": str(out.root.resolve()), "prompt_list": None,
-                                "height": height, "width": width})
-    manifest = RunManifest(out.manifest_path, {
-        "command": opts.command,
-        "versions": {"sdgen": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "device": str(device),
-        "options": asdict(recorded),
-        "model": model_record(base_files, base_sha) if base_files else model_record(refiner_files, refiner_sha),
-        "refiner": model_record(refiner_files, refiner_sha),
-        "init_image": {"path": str(Path(opts.init_img).resolve()), "sha256": init_sha} if init_sha else None,
-        "stages": stage_summary(stages),
-        "prompts": prompts,
-        "per_image_prompts": opts.from_file is not None or opts.prompt_list is not None,
-        "sampler": opts.sampler,
-        "steps": opts.steps,
-        "size": [width, height],
-        "seeds": [job.seed for batch in jobs for job in batch],
-    })
+    recorded = replace(opts, outdir=str(out.root.resolve()), prompt_list=None, height=height, width=width,
+                       from_file=absolute(opts.from_file), init_img=absolute(opts.init_img),
+                       safety_checker=absolute(opts.safety_checker),
+                       ckpt=str(base_files.checkpoint) if base_files else None,
+                       config=str(base_files.config) if base_files else opts.config,
+                       refiner_ckpt=str(refiner_files.checkpoint), refiner_config=str(refiner_files.config))
+    header = run_header(
+        opts.command, device, asdict(recorded), model_record(main_files.config, main_files.checkpoint, main_sha),
+        request, prompts, per_image_prompts,
+        refiner=model_record(refiner_files.config, refiner_files.checkpoint, refiner_sha),
+        init_image={"path": recorded.init_img, "sha256": init_sha} if init_sha else None,
+        stages=stage_summary(stages),
+    )
     micro = stages[0].micro
-    main_files, main_sha = (base_files, base_sha) if base_files else (refiner_files, refiner_sha)
-    settings_line = {
-        "Steps": opts.steps,
-        "Sampler": SAMPLER_LABELS.get(opts.sampler, opts.sampler),
+    png = png_settings(request, main_files.checkpoint, main_sha, {
         "Schedule": opts.grid,
-        "CFG scale": opts.scale,
-        "Seed": None,
-        "Size": f"{width}x{height}",
-        "Model hash": main_sha[:10],
-        "Model": main_files.checkpoint.stem,
         "Denoising strength": opts.strength,
         "Refiner": f"{refiner_files.checkpoint.stem} [{refiner_sha[:10]}]" if base_files else None,
         "Refiner switch at": opts.high_noise_frac if base_files else None,
@@ -380,66 +307,39 @@ def execute_refine(opts: RefineOptions):
         "Target size": "{},{}".format(*micro.target_size) if base_files else None,
         "Aesthetic score": f"{opts.aesthetic_score}/{opts.negative_aesthetic_score}",
         "S churn": opts.s_churn or None,
-        "Batch size": None,
-        "Batch pos": None,
-        "Precision": opts.precision,
-        "Version": f"sdgen {__version__}",
+    })
+
+    def generation(on_step, on_batch):
+        return generate_sdxl(request, settings, base=base, refiner=refiner, on_step=on_step, on_batch=on_batch,
+                             safety_checker=safety.checker)
+
+    output = RunOutput(out, safety, png, opts.negative_prompt, opts.skip_save, opts.skip_grid,
+                       opts.n_rows or opts.n_samples)
+    return write_run(generation, request.jobs(), header, output)
+
+
+def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
+                          device: Optional[str] = None) -> tuple[RefineOptions, dict[str, Any]]:
+    """(options, expected hashes) to run a recorded ``sdxl-refine`` run again (for ``sdgen replay``)."""
+    from ldm.cli.output import options_from_record
+
+    opts = options_from_record(RefineOptions, data, outdir, device)
+    expect = {
+        "checkpoint_sha256": (data.get("model") or {}).get("checkpoint_sha256"),
+        "refiner_checkpoint_sha256": (data.get("refiner") or {}).get("checkpoint_sha256"),
+        "init_image_sha256": (data.get("init_image") or {}).get("sha256"),
     }
-    samples: list[Path] = []
-    grid_images: list[np.ndarray] = []
-    first_parameters: Optional[str] = None
-    batch_sizes = {job.batch: len(batch) for batch in jobs for job in batch}
-    with _progress() as progress:
-        batch_task = progress.add_task("batches", total=len(jobs))
-        steps_task = progress.add_task("steps", total=None)
-        try:
-            for image in generate_sdxl(request, settings, base=base, refiner=refiner,
-                                       on_step=lambda done, total: progress.update(steps_task, completed=done,
-                                                                                   total=total)):
-                job = image.job
-                parameters = format_parameters(job.prompt, opts.negative_prompt, {
-                    **settings_line, "Seed": job.seed, "Batch size": batch_sizes[job.batch],
-                    "Batch pos": job.position,
-                })
-                first_parameters = first_parameters or parameters
-                file, digest = None, None
-                if not opts.skip_save:
-                    path, digest = out.save_sample(image.pixels, parameters)
-                    samples.append(path)
-                    file = relative_to(path, out.root)
-                if not opts.skip_grid:
-                    grid_images.append(image.pixels)
-                manifest.add_image(ImageRecord(job.index, job.seed, job.prompt, file, digest))
-                if job.position == batch_sizes[job.batch] - 1:
-                    progress.advance(batch_task)
-        except KeyboardInterrupt:
-            manifest.finish("interrupted")
-            raise RunInterrupted(
-                f"interrupted: kept {manifest.image_count} of {request.num_images} images in {out.root}"
-            ) from None
-        except BaseException:
-            manifest.finish("failed")
-            raise
-    grid = out.save_grid(grid_images, opts.n_rows or opts.n_samples, first_parameters) if grid_images else None
-    manifest.finish("complete", grid)
-    return RunResult(outdir=out.root, samples=samples, grid=grid, manifest=out.manifest_path)
+    return opts, expect
 
 
 def check_schedule(config: Any, opts: RefineOptions) -> None:
     """Refuse a step count / split / strength that leaves a model without a step, before any model is loaded
     (the grid comes from the config's discretization, as the loaded model would build it)."""
-    from ldm.sdxl_pipeline import sdedit_sigmas, split_sigmas
-    from ldm.util import instantiate_from_config
+    from ldm.sdxl_pipeline import config_sigmas, sdedit_sigmas, split_sigmas
 
-    try:
-        disc_cfg = config["model"]["params"]["denoiser_config"]["params"]["discretization_config"]
-    except (KeyError, TypeError) as exc:
-        raise SdgenError("the config has no model.params.denoiser_config (not an SDXL config?)") from exc
-    params = {**dict(disc_cfg.get("params") or {}), "legacy_range": opts.grid == "sgm_legacy"}
-    disc = instantiate_from_config({"target": disc_cfg["target"], "params": params})
-    sigmas = disc(opts.steps)
+    sigmas, table = config_sigmas(config, opts.steps, opts.grid)
     if opts.two_stage:
-        split_sigmas(sigmas, disc(disc.num_timesteps, do_append_zero=False, flip=True), opts.high_noise_frac)
+        split_sigmas(sigmas, table, opts.high_noise_frac)
     else:
         sdedit_sigmas(sigmas, opts.strength)
 
@@ -478,7 +378,7 @@ def sdxl_refine(
     steps: Annotated[int, typer.Option("--steps", "--ddim_steps", help="sampling steps of the whole grid "
                                        "(shared by base and refiner)")] = 50,
     sampler: Annotated[str, typer.Option("--sampler", help="sampler (euler = SGM EulerEDM)")] = "euler",
-    grid: Grid = "sgm",
+    grid: o.Grid = "sgm",
     scale: o.Scale = 5.0,
     s_churn: SChurn = 0.0,
     s_tmin: STmin = 0.0,
@@ -488,11 +388,11 @@ def sdxl_refine(
                                                   help="image height in pixels")] = None,
     width: Annotated[Optional[int], typer.Option("--W", "--width", show_default="1024, or the init image's",
                                                  help="image width in pixels")] = None,
-    original_size: OriginalSize = None,
-    crop_coords: CropCoords = None,
-    target_size: TargetSize = None,
-    aesthetic_score: AestheticScore = 6.0,
-    negative_aesthetic_score: NegativeAestheticScore = 2.5,
+    original_size: o.OriginalSize = None,
+    crop_coords: o.CropCoords = None,
+    target_size: o.TargetSize = None,
+    aesthetic_score: o.AestheticScore = 6.0,
+    negative_aesthetic_score: o.NegativeAestheticScore = 2.5,
     n_samples: o.NSamples = 1,
     n_iter: o.NIter = 1,
     n_rows: o.NRows = 0,
@@ -502,16 +402,9 @@ def sdxl_refine(
     refiner_config: Annotated[str, typer.Option("--refiner-config", help="refiner model config")] = CONFIG_REFINER,
     precision: o.PrecisionOpt = o.Precision.autocast,
     device: o.Device = "auto",
+    safety_checker: o.SafetyCheckerPath = None,
+    no_safety_checker: o.NoSafetyChecker = False,
+    no_watermark: o.NoWatermark = False,
 ) -> None:
     """SDXL base -> refiner hand-over (--ckpt), or refine an image with the refiner (--init-img)."""
-    opts = RefineOptions(
-        prompt=prompt_from(prompt_arg, prompt), refiner_ckpt=refiner_ckpt, ckpt=ckpt, init_img=init_img,
-        config=config, refiner_config=refiner_config, negative_prompt=negative_prompt, from_file=from_file,
-        outdir=outdir, skip_grid=skip_grid, skip_save=skip_save, high_noise_frac=high_noise_frac,
-        strength=strength, steps=steps, sampler=sampler, grid=grid, scale=scale, s_churn=s_churn, s_tmin=s_tmin,
-        s_tmax=s_tmax, s_noise=s_noise, height=height, width=width, n_samples=n_samples, n_iter=n_iter,
-        n_rows=n_rows, seed=seed, fixed_code=fixed_code, original_size=original_size, crop_coords=crop_coords,
-        target_size=target_size, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-        precision=precision.value, device=device,
-    )
-    report(execute_refine(opts))
+    report(execute_refine(o.options_from_flags(RefineOptions, "sdxl-refine", locals())))

@@ -1,22 +1,14 @@
-"""``sdgen txt2img``: images from a text prompt (CompVis ``scripts/txt2img.py``, same flags and defaults)."""
+"""``sdgen txt2img``: images from a text prompt (CompVis ``scripts/txt2img.py``, same flags and defaults).
+
+With an SDXL config (``--config configs/sdxl/sd_xl_base.yaml``) the run goes through the SDXL pipeline, takes
+the SDXL micro-conditioning flags, and the unset sampling flags take the SGM demo's defaults.
+"""
 
 from __future__ import annotations
-
-from typing import Optional
 
 import typer
 
 from ldm.cli import options as o
-from ldm.errors import SdgenError
-
-
-def prompt_from(argument: Optional[str], option: Optional[str]) -> str:
-    """The prompt from the positional argument or ``--prompt`` (not both), else the originals' default."""
-    if argument is not None and option is not None:
-        raise SdgenError("give the prompt either as an argument or with --prompt, not both")
-    if argument is not None:
-        return argument
-    return option if option is not None else o.DEFAULT_PROMPT
 
 
 def report(result) -> None:
@@ -34,19 +26,19 @@ def txt2img(
     outdir: o.Outdir = "outputs/txt2img-samples",
     skip_grid: o.SkipGrid = False,
     skip_save: o.SkipSave = False,
-    steps: o.Steps = 50,
+    steps: o.ModelSteps = None,
     plms: o.Plms = False,
     dpm_solver: o.DpmSolver = False,
     sampler: o.Sampler = None,
     eta: o.Eta = 0.0,
     n_iter: o.NIter = 2,
-    height: o.Height = 512,
-    width: o.Width = 512,
+    height: o.ModelHeight = None,
+    width: o.ModelWidth = None,
     latent_channels: o.LatentChannels = 4,
     factor: o.Factor = None,
     n_samples: o.NSamples = 3,
     n_rows: o.NRows = 0,
-    scale: o.Scale = 7.5,
+    scale: o.ModelScale = None,
     seed: o.Seed = 42,
     fixed_code: o.FixedCode = False,
     config: o.Config = None,
@@ -56,37 +48,14 @@ def txt2img(
     safety_checker: o.SafetyCheckerPath = None,
     no_safety_checker: o.NoSafetyChecker = False,
     no_watermark: o.NoWatermark = False,
+    grid: o.Grid = None,
+    original_size: o.OriginalSize = None,
+    crop_coords: o.CropCoords = None,
+    target_size: o.TargetSize = None,
+    aesthetic_score: o.AestheticScore = None,
+    negative_aesthetic_score: o.NegativeAestheticScore = None,
 ) -> None:
-    """Generate images from a text prompt (CompVis scripts/txt2img.py flags and defaults)."""
+    """Generate images from a text prompt (CompVis scripts/txt2img.py flags and defaults; SDXL configs too)."""
     from ldm.cli.run import execute
 
-    options = o.GenerateOptions(
-        command="txt2img",
-        prompt=prompt_from(prompt_arg, prompt),
-        negative_prompt=negative_prompt,
-        from_file=from_file,
-        outdir=outdir,
-        skip_grid=skip_grid,
-        skip_save=skip_save,
-        steps=steps,
-        sampler=o.pick_sampler(sampler, plms, dpm_solver),
-        eta=eta,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        n_rows=n_rows,
-        scale=scale,
-        height=height,
-        width=width,
-        latent_channels=latent_channels,
-        factor=factor,
-        seed=seed,
-        fixed_code=fixed_code,
-        config=config,
-        ckpt=ckpt,
-        precision=precision.value,
-        device=device,
-        safety_checker=safety_checker,
-        no_safety_checker=no_safety_checker,
-        watermark=not no_watermark,
-    )
-    report(execute(options))
+    report(execute(o.options_from_flags(o.GenerateOptions, "txt2img", locals())))

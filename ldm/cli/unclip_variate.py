@@ -6,24 +6,19 @@ the negative prompt and an all-zero ADM vector (SAI2 ``scripts/streamlit/stableu
 streamlit demo's: 20 DDIM steps (eta 0), scale 10.0, noise level 0, 768 x 768, 2 samples x 2 runs, seed 42.
 
 ``--init-img`` takes one image or a folder of images (each gets its own variations); the output layout, PNG
-parameters and run manifest are those of txt2img (:mod:`ldm.cli.output`).
+parameters, run manifest, safety checker and watermark are those of txt2img (:func:`ldm.cli.run.write_run`).
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, Mapping, Optional
 
-import numpy as np
-import torch
 import typer
 
-from ldm import __version__
 from ldm.cli import options as o
-from ldm.cli.output import ImageRecord, OutputFolder, RunManifest, format_parameters, relative_to
 from ldm.errors import SdgenError
 
 logger = logging.getLogger(__name__)
@@ -41,8 +36,17 @@ class UnclipOptions(o.GenerateOptions):
 
     ``init_img`` is one image file or a folder; ``noise_level`` in 0..999; ``clip_stats`` Karlo's
     ``ViT-L-14_stats.th`` (unCLIP-L); ``embedder_ckpt`` the CLIP weights when the checkpoint lacks them.
+    The sampling defaults are the streamlit demo's.
     """
 
+    prompt: str = ""
+    outdir: str = DEFAULT_OUTDIR
+    steps: Optional[int] = 20
+    sampler: Optional[str] = "ddim"
+    n_samples: int = 2
+    scale: Optional[float] = 10.0
+    height: Optional[int] = 768
+    width: Optional[int] = 768
     noise_level: int = 0
     clip_stats: Optional[str] = None
     embedder_ckpt: Optional[str] = None
@@ -75,38 +79,12 @@ def check_unclip_options(opts: UnclipOptions) -> None:
             raise SdgenError(f"{flag} file not found: {value}")
 
 
-def _size_checks(config: Any, opts: UnclipOptions) -> int:
-    """Check --f / --C / --H / --W against the config; return the VAE factor."""
-    from ldm.pipelines import unet_in_channels, unet_size_multiple, vae_downsampling_factor
-
-    factor = vae_downsampling_factor(config)
-    if opts.factor is not None and opts.factor != factor:
-        raise SdgenError(f"--f {opts.factor} does not match the config's VAE downsampling factor {factor}")
-    channels = unet_in_channels(config)
-    if channels is not None and opts.latent_channels != channels:
-        raise SdgenError(f"--C {opts.latent_channels} does not match the config's {channels} latent channels")
-    multiple = factor * unet_size_multiple(config)
-    for flag, value in (("--H", opts.height), ("--W", opts.width)):
-        if value % multiple:
-            raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for this model")
-    return factor
-
-
 def _batches(prompts: list[str], n_samples: int, per_image_prompts: bool, n_images: int) -> tuple[list, int]:
     """Batches of one iteration, init image by init image, and how many batches each init image has."""
     from ldm.pipelines import prompt_batches
 
     per_init = prompt_batches(prompts, n_samples, per_image=per_image_prompts)
     return [list(batch) for _ in range(n_images) for batch in per_init], len(per_init)
-
-
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not console.is_terminal)
 
 
 def execute_unclip(
@@ -122,7 +100,20 @@ def execute_unclip(
     """
     from ldm import pipelines
     from ldm.checkpoint import CONFIG_UNCLIP_L, bundled_config, file_sha256, guess_config, load_config, read_state_dict
-    from ldm.cli.run import SAMPLER_LABELS, RunInterrupted, RunResult, read_prompts, resolve_device
+    from ldm.cli.output import OutputFolder
+    from ldm.cli.run import (
+        RunOutput,
+        absolute,
+        check_expectations,
+        check_geometry,
+        model_record,
+        png_settings,
+        read_prompts,
+        resolve_device,
+        resolve_sampling_defaults,
+        run_header,
+        write_run,
+    )
     from ldm.models.diffusion.unclip import (
         UNCLIP_FILES_HINT,
         ImageVariationConditioning,
@@ -132,6 +123,7 @@ def execute_unclip(
         missing_clip_stats_notice,
         unclip_config_for,
     )
+    from ldm.safety.postprocess import OutputSafety
 
     check_unclip_options(opts)
     prompts = read_prompts(opts)
@@ -156,17 +148,14 @@ def execute_unclip(
             raise SdgenError(f"cannot tell which unCLIP config {files.checkpoint} needs: pass --config")
         config_path = bundled_config(bundled)
     config = load_config(config_path)
-    factor = _size_checks(config, opts)
+    opts = resolve_sampling_defaults(opts, config, sdxl=False)
+    factor = check_geometry(config, opts)
 
     out = OutputFolder(opts.outdir)
     device = resolve_device(opts.device)
     ckpt_sha = file_sha256(files.checkpoint)
     init_shas = [file_sha256(p) for p in init_paths]
-    if expect:
-        if expect.get("checkpoint_sha256") and expect["checkpoint_sha256"] != ckpt_sha:
-            raise SdgenError("the checkpoint differs from the one the manifest recorded (sha256 mismatch)")
-        if expect.get("init_image_sha256") and list(expect["init_image_sha256"]) != init_shas:
-            raise SdgenError("the init images differ from the ones the manifest recorded (sha256 mismatch)")
+    check_expectations(expect, {"checkpoint_sha256": ckpt_sha, "init_image_sha256": init_shas})
 
     batches, batches_per_init = _batches(prompts, opts.n_samples, per_image_prompts, len(init_paths))
     request = pipelines.GenerationRequest(
@@ -180,114 +169,58 @@ def execute_unclip(
     def init_of(batch_jobs) -> int:
         return (batch_jobs[0].batch % len(batches)) // batches_per_init
 
+    safety = OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
+                                  model_config=config, device=device)
     logger.info("loading %s with %s on %s", files.checkpoint, config_path, device)
     model = load_unclip_model(str(config_path), files.checkpoint, state_dict=state_dict,
                               embedder_ckpt=opts.embedder_ckpt, clip_stats=opts.clip_stats, device=device)
     notice = missing_clip_stats_notice(model)
     if notice:
         notify(notice)
-    conditioning = ImageVariationConditioning(
-        model, pipelines.make_denoiser(model, opts.sampler), [t.to(device) for t in init_tensors], opts.noise_level,
-        image_of_batch=init_of,
-    )
+    conditioner = ImageVariationConditioning(model, [t.to(device) for t in init_tensors], opts.noise_level,
+                                             image_of_batch=init_of)
 
     recorded = replace(
         opts, outdir=str(out.root.resolve()), config=str(config_path), ckpt=str(files.checkpoint),
-        from_file=str(Path(opts.from_file).resolve()) if opts.from_file else None,
-        init_img=str(Path(opts.init_img).expanduser().resolve()), prompt_list=None,
-        clip_stats=str(Path(opts.clip_stats).resolve()) if opts.clip_stats else None,
-        embedder_ckpt=str(Path(opts.embedder_ckpt).resolve()) if opts.embedder_ckpt else None,
+        from_file=absolute(opts.from_file), init_img=absolute(opts.init_img), prompt_list=None,
+        clip_stats=absolute(opts.clip_stats), embedder_ckpt=absolute(opts.embedder_ckpt),
+        safety_checker=absolute(opts.safety_checker),
     )
-    manifest = RunManifest(out.manifest_path, {
-        "command": COMMAND,
-        "versions": {"sdgen": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "device": str(device),
-        "options": recorded.to_dict(),
-        "model": {
-            "config": str(config_path), "config_sha256": file_sha256(config_path),
-            "checkpoint": str(files.checkpoint), "checkpoint_sha256": ckpt_sha, "model_hash": ckpt_sha[:10],
-            "clip_stats_sha256": file_sha256(opts.clip_stats) if opts.clip_stats else None,
-            "embedder_ckpt_sha256": file_sha256(opts.embedder_ckpt) if opts.embedder_ckpt else None,
-        },
-        "init_images": [{"path": str(p.resolve()), "sha256": h} for p, h in zip(init_paths, init_shas)],
-        "init_image_of": [init_of(batch) for batch in jobs for _ in batch],
-        "noise_level": opts.noise_level,
-        "notices": [notice] if notice else [],
-        "prompts": prompts,
-        "per_image_prompts": per_image_prompts,
-        "sampler": opts.sampler,
-        "steps": opts.steps,
-        "size": [opts.width, opts.height],
-        "seeds": [job.seed for batch in jobs for job in batch],
+    header = run_header(
+        COMMAND, device, recorded.to_dict(),
+        model_record(config_path, files.checkpoint, ckpt_sha,
+                     clip_stats_sha256=file_sha256(opts.clip_stats) if opts.clip_stats else None,
+                     embedder_ckpt_sha256=file_sha256(opts.embedder_ckpt) if opts.embedder_ckpt else None),
+        request, prompts, per_image_prompts,
+        init_images=[{"path": str(p.resolve()), "sha256": h} for p, h in zip(init_paths, init_shas)],
+        init_image_of=[init_of(batch) for batch in jobs for _ in batch],
+        noise_level=opts.noise_level,
+        notices=[notice] if notice else [],
+    )
+    settings = png_settings(request, files.checkpoint, ckpt_sha, {
+        "Noise level": opts.noise_level, "Init image": None, "Eta": opts.eta if opts.sampler == "ddim" else None,
     })
-    settings = {
-        "Steps": opts.steps, "Sampler": SAMPLER_LABELS.get(opts.sampler, opts.sampler), "CFG scale": opts.scale,
-        "Seed": None, "Size": f"{opts.width}x{opts.height}", "Model hash": ckpt_sha[:10],
-        "Model": files.checkpoint.stem, "Noise level": opts.noise_level, "Init image": None,
-        "Eta": opts.eta if opts.sampler == "ddim" else None, "Batch size": None, "Batch pos": None,
-        "Precision": opts.precision, "Version": f"sdgen {__version__}",
-    }
+    sources = {batch[0].batch: init_paths[init_of(batch)].name for batch in jobs}
 
-    samples: list[Path] = []
-    grid_images: list[np.ndarray] = []
-    first_parameters: Optional[str] = None
-    sizes = {job.batch: len(batch) for batch in jobs for job in batch}
-    sources = {job.batch: init_of(batch) for batch in jobs for job in batch}
-    with _progress() as progress:
-        task = progress.add_task("steps", total=None)
+    def generation(on_step, on_batch):
+        return pipelines.generate(model, request, on_step=on_step, on_batch=on_batch, conditioner=conditioner,
+                                  safety_checker=safety.checker)
 
-        def on_step(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        def on_batch(batch_jobs) -> None:
-            conditioning.on_batch(batch_jobs)
-            progress.update(task, completed=0, description=f"batch {batch_jobs[0].batch + 1}/{len(jobs)}")
-
-        try:
-            for image in pipelines.generate(model, request, on_step=on_step, on_batch=on_batch,
-                                            denoiser=conditioning):
-                job = image.job
-                parameters = format_parameters(job.prompt, opts.negative_prompt, {
-                    **settings, "Seed": job.seed, "Init image": init_paths[sources[job.batch]].name,
-                    "Batch size": sizes[job.batch], "Batch pos": job.position,
-                })
-                first_parameters = first_parameters or parameters
-                file, digest = None, None
-                if not opts.skip_save:
-                    path, digest = out.save_sample(image.pixels, parameters)
-                    samples.append(path)
-                    file = relative_to(path, out.root)
-                if not opts.skip_grid:
-                    grid_images.append(image.pixels)
-                manifest.add_image(ImageRecord(job.index, job.seed, job.prompt, file, digest))
-        except KeyboardInterrupt:
-            manifest.finish("interrupted")
-            raise RunInterrupted(
-                f"interrupted: kept {manifest.image_count} of {request.num_images} images in {out.root} "
-                f"(manifest {out.manifest_path.name})"
-            ) from None
-        except BaseException:
-            manifest.finish("failed")
-            raise
-
-    grid = out.save_grid(grid_images, opts.n_rows or opts.n_samples, first_parameters) if grid_images else None
-    manifest.finish("complete", grid)
-    return RunResult(outdir=out.root, samples=samples, grid=grid, manifest=out.manifest_path)
+    output = RunOutput(out, safety, settings, opts.negative_prompt, opts.skip_save, opts.skip_grid,
+                       opts.n_rows or opts.n_samples, per_image=lambda job: {"Init image": sources[job.batch]})
+    return write_run(generation, jobs, header, output)
 
 
 def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
                           device: Optional[str] = None) -> tuple[UnclipOptions, dict[str, Any]]:
     """(options, expected hashes) to run a recorded ``unclip-variate`` run again (for ``sdgen replay``)."""
+    from ldm.cli.output import options_from_record
+
     if data.get("command") != COMMAND:
         raise SdgenError(f"not an {COMMAND} run manifest (command {data.get('command')!r})")
-    known = {f for f in UnclipOptions.__dataclass_fields__}
-    opts = UnclipOptions(**{k: v for k, v in data["options"].items() if k in known})
-    if data.get("per_image_prompts"):
-        opts.prompt_list = list(data["prompts"])
-    opts.outdir = outdir or opts.outdir
-    opts.device = device or data.get("device", opts.device)
+    opts = options_from_record(UnclipOptions, data, outdir, device)
     expect = {
-        "checkpoint_sha256": data.get("model", {}).get("checkpoint_sha256"),
+        "checkpoint_sha256": (data.get("model") or {}).get("checkpoint_sha256"),
         "init_image_sha256": [entry["sha256"] for entry in data.get("init_images", [])],
     }
     return opts, expect
@@ -346,40 +279,12 @@ def unclip_variate(
     embedder_ckpt: EmbedderCkpt = None,
     precision: o.PrecisionOpt = o.Precision.autocast,
     device: o.Device = "auto",
+    safety_checker: o.SafetyCheckerPath = None,
+    no_safety_checker: o.NoSafetyChecker = False,
+    no_watermark: o.NoWatermark = False,
 ) -> None:
     """Make variations of an image (or of each image in a folder) with Stable unCLIP (SD 2.1 unCLIP-L / -H)."""
     from ldm.cli.txt2img import report
 
-    if prompt_arg is not None and prompt is not None:
-        raise SdgenError("give the prompt either as an argument or with --prompt, not both")
-    options = UnclipOptions(
-        command=COMMAND,
-        prompt=prompt_arg if prompt_arg is not None else (prompt or ""),
-        negative_prompt=negative_prompt,
-        from_file=from_file,
-        outdir=outdir,
-        skip_grid=skip_grid,
-        skip_save=skip_save,
-        steps=steps,
-        sampler=o.pick_sampler(sampler, plms, dpm_solver),
-        eta=eta,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        n_rows=n_rows,
-        scale=scale,
-        height=height,
-        width=width,
-        latent_channels=latent_channels,
-        factor=factor,
-        seed=seed,
-        fixed_code=fixed_code,
-        config=config,
-        ckpt=ckpt,
-        precision=precision.value,
-        device=device,
-        init_img=init_img,
-        noise_level=noise_level,
-        clip_stats=clip_stats,
-        embedder_ckpt=embedder_ckpt,
-    )
+    options = o.options_from_flags(UnclipOptions, COMMAND, locals(), prompt=o.prompt_from(prompt_arg, prompt, ""))
     report(execute_unclip(options, notify=lambda message: typer.echo(f"sdgen: warning: {message}", err=True)))

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ldm.errors import SdgenError
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.pipelines import GenerationRequest, ImageJob, TextConditioner
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -433,20 +434,16 @@ def embedding_noise_seed(seed: int) -> int:
     return (int(seed) + _EMBEDDING_STREAM) % (1 << 64)
 
 
-class ImageVariationConditioning:
-    """Adds the ADM ("vector") entry to each denoiser call of :func:`ldm.pipelines.generate`.
+class ImageVariationConditioning(TextConditioner):
+    """The conditioner of an image-variation run (``conditioner`` of :func:`ldm.pipelines.generate`).
 
-    ``generate`` encodes the text (prompt / negative prompt) itself; this object is passed as its
-    ``denoiser`` (wrapping the model's usual one) and its :meth:`on_batch` as (or inside) ``on_batch``. For
-    each batch it noise-augments the batch's init-image embedding, one noise draw per image from
-    :func:`embedding_noise_seed` of the image's seed, and routes the result into the network:
-    the conditional rows get the ADM vector, the unconditional rows an all-zero one. Rows are told apart by
-    the guidance contract (``CFGDenoiser`` makes one call on [uncond; cond], unconditional half first; without
-    guidance only the conditional rows come).
+    Each batch gets the text conditioning of :class:`~ldm.pipelines.TextConditioner` (prompt; negative prompt
+    for the unconditional branch) plus the ADM ("vector") input: the batch's init-image embedding,
+    noise-augmented per image with one draw from :func:`embedding_noise_seed` of the image's seed, on the
+    conditional branch, and an all-zero vector on the unconditional one (SAI2 ``scripts/streamlit/stableunclip.py``).
 
     Args:
         model: the unCLIP model.
-        base: the denoiser to wrap, ``D(x, sigma, cond)`` (e.g. ``ldm.pipelines.make_denoiser(model, sampler)``).
         images: init images, each (3, H, W) in [-1, 1]; embedded once here.
         noise_level: 0 .. ``model.max_noise_level - 1``.
         image_of_batch: which init image a batch of jobs uses (default: ``jobs[0].batch % len(images)``, i.e.
@@ -456,45 +453,35 @@ class ImageVariationConditioning:
     def __init__(
         self,
         model: ImageEmbeddingConditionedLatentDiffusion,
-        base: Any,
         images: Sequence[torch.Tensor],
         noise_level: int,
-        image_of_batch: Any = None,
+        image_of_batch: Callable[[Sequence[ImageJob]], int] | None = None,
     ) -> None:
+        super().__init__(model)
         if not images:
             raise SdgenError("image variations need at least one init image")
         if not 0 <= int(noise_level) < model.max_noise_level:
             raise SdgenError(f"noise level must be in 0..{model.max_noise_level - 1}, got {noise_level}")
-        self.model = model
-        self.base = base
         self.noise_level = int(noise_level)
         self.embeddings = [model.embed_images(image[None]) for image in images]
         self.image_of_batch = image_of_batch or (lambda jobs: jobs[0].batch % len(self.embeddings))
-        self.adm: torch.Tensor | None = None
-        self.image_index: int | None = None
 
-    def on_batch(self, jobs: Sequence[Any]) -> None:
-        """Prepare the ADM vectors (len(jobs), 2D) of the batch about to be sampled."""
-        self.image_index = int(self.image_of_batch(jobs))
-        embedding = self.embeddings[self.image_index].expand(len(jobs), -1)
+    def adm_vectors(self, jobs: Sequence[ImageJob]) -> torch.Tensor:
+        """The ADM vectors (len(jobs), 2D) of a batch: its init image's embedding, noise-augmented per image."""
+        embedding = self.embeddings[int(self.image_of_batch(jobs))].expand(len(jobs), -1)
         noise = torch.stack([
             torch.randn(embedding.shape[1], generator=torch.Generator().manual_seed(embedding_noise_seed(job.seed)))
             for job in jobs
         ])
-        self.adm = self.model.augment_embedding(embedding, self.noise_level, noise=noise)
+        return self.model.augment_embedding(embedding, self.noise_level, noise=noise)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any], **kwargs: Any) -> torch.Tensor:
-        if self.adm is None:
-            raise SdgenError("ImageVariationConditioning: on_batch was not called before sampling")
-        adm = self.adm.to(x.device)
-        rows, batch = x.shape[0], adm.shape[0]
-        if rows == batch:
-            vector = adm
-        elif rows == 2 * batch:
-            vector = torch.cat([self.model.unconditional_adm(adm), adm])
-        else:
-            raise SdgenError(f"ImageVariationConditioning: {rows} rows for a batch of {batch} images")
-        return self.base(x, sigma, {**cond, "vector": vector}, **kwargs)
+    def __call__(self, jobs: Sequence[ImageJob], request: GenerationRequest) -> dict[str, dict[str, Any]]:
+        cond = super().__call__(jobs, request)
+        adm = self.adm_vectors(jobs)
+        cond["cond"]["vector"] = adm
+        if "uncond" in cond:
+            cond["uncond"]["vector"] = self.model.unconditional_adm(adm)
+        return cond
 
 
 __all__ = [
