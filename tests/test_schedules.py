@@ -115,6 +115,62 @@ def test_sgm_discretization_spacings(acp64):
         disc(1001)
 
 
+def _suggested_counts(message: str) -> list[int]:
+    """The step counts an error message proposes ("... use e.g. 35 or 38 steps")."""
+    return [int(n) for n in message.split("use e.g.")[1].split("steps")[0].split(" or ")]
+
+
+@pytest.mark.parametrize("steps", [3, 9, 37, 111, 600, 999])
+def test_sgm_legacy_grid_refuses_counts_that_reach_t_1000(acp64, steps):
+    """range(0, 1000, 1000 // S) + 1 ends at t = 1000 when the stride divides 999: a one-line SdgenError
+    naming usable counts (not an IndexError), from every entry point that builds the 0.9-release grid."""
+    builders = (
+        lambda n: schedules.sgm_timesteps(n, 1000, legacy_range=True),
+        lambda n: schedules.sgm_grid(acp64, n, legacy_range=True),
+        lambda n: schedules.LegacyDDPMDiscretization(legacy_range=True)(n),
+        lambda n: samplers.grid_sigmas("sgm_legacy", acp64, n),
+    )
+    for build in builders:
+        with pytest.raises(SdgenError, match=f"{steps} steps on the sgm_legacy grid .* t=1000") as info:
+            build(steps)
+    suggested = _suggested_counts(str(info.value))
+    assert len(suggested) == 2
+    for n in suggested:
+        t = schedules.sgm_timesteps(n, 1000, legacy_range=True)
+        assert t[-1] <= 999 and len(samplers.grid_sigmas("sgm_legacy", acp64, n)) == len(t) + 1
+    # the current SGM spacing ends at 999 for any count
+    assert schedules.sgm_timesteps(steps, 1000)[-1] == 999
+
+
+def test_sgm_legacy_grid_keeps_its_valid_counts(acp64):
+    legacy = schedules.LegacyDDPMDiscretization(legacy_range=True)
+    assert legacy.timesteps(7).tolist() == [1, 143, 285, 427, 569, 711, 853, 995]  # 8 entries, as CompVis
+    assert legacy.timesteps(500)[-1] == 999
+    assert torch.equal(legacy(1000), schedules.LegacyDDPMDiscretization()(1000))  # the full table
+    assert schedules.sgm_timesteps(1000, 1000, legacy_range=True).tolist() == list(range(1000))
+
+
+@pytest.mark.parametrize("grid", list(samplers.GRIDS))
+@pytest.mark.parametrize("steps", [0, -1])
+def test_every_grid_refuses_fewer_than_one_step(acp64, grid, steps):
+    with pytest.raises(SdgenError, match=f"got {steps}"):
+        samplers.grid_sigmas(grid, acp64, steps)
+
+
+def test_timestep_grids_refuse_more_steps_than_the_table(acp64):
+    """The integer grids pick DDPM timesteps: at most N of them. The continuous ones may take more."""
+    for grid in ("ddim", "sgm", "sgm_legacy"):
+        with pytest.raises(SdgenError, match="1001"):
+            samplers.grid_sigmas(grid, acp64, 1001)
+    for legacy in (False, True):
+        with pytest.raises(SdgenError, match="1001"):
+            schedules.sgm_timesteps(1001, 1000, legacy_range=legacy)
+        with pytest.raises(SdgenError, match="got 0"):
+            schedules.sgm_timesteps(0, 1000, legacy_range=legacy)
+    for grid in ("dpm_solver", "karras", "linspace_t"):
+        assert len(samplers.grid_sigmas(grid, acp64, 1200)) == 1201
+
+
 def test_karras_and_linspace_t(acp64):
     k = schedules.karras_sigmas(10, 0.03, 14.6, rho=7.0)
     assert k.dtype == torch.float32 and len(k) == 11 and k[-1] == 0

@@ -159,7 +159,9 @@ def test_refiner_passed_as_base_is_detected_from_its_keys(tmp_path, files, commo
         (["--ckpt", "B", "--refiner-ckpt", "R", "--grid", "karras"], "unknown --grid 'karras'"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--original-size", "1024"], "--original-size takes two"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--crop-coords", "a,b"], "--crop-coords takes two"),
-        (["--ckpt", "B", "--refiner-ckpt", "R", "--H", "30"], "--H must be a positive multiple of 8"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--H", "30"],
+         "--H 30 must be a multiple of 4 for these SDXL models (VAE factor 2 x UNet downsampling 2)"),
+        (["--ckpt", "B", "--refiner-ckpt", "R", "--W", "0"], "--W must be a positive number of pixels, got 0"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--steps", "0"], "--steps must be at least 1"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--sampler", "nope"], "unknown sampler 'nope'"),
         (["--ckpt", "B", "--refiner-ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
@@ -174,17 +176,48 @@ def test_bad_input_is_one_line(tmp_path, files, common, args, message):
     assert not (tmp_path / "out" / "samples").exists()
 
 
-def test_steps_too_few_for_the_split_are_refused_before_loading(tmp_path, files, common, monkeypatch):
+@pytest.mark.parametrize("steps_flag", ["--steps", "--ddim_steps", "--ddim-steps"])
+def test_steps_too_few_for_the_split_are_refused_before_loading(tmp_path, files, common, monkeypatch, steps_flag):
     import ldm.checkpoint
 
     monkeypatch.setattr(ldm.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     # 2 steps: t = 999, 499; 0.6 hands over at t = 400, after both
     result = invoke("sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["refiner"], *common,
-                    "--steps", "2", "--high-noise-frac", "0.6", "--H", "32", "--W", "32", "--outdir", tmp_path)
+                    steps_flag, "2", "--high-noise-frac", "0.6", "--H", "32", "--W", "32", "--outdir", tmp_path)
     assert_error(result, "leaves the refiner no step")
     result = invoke("sdxl-refine", "x", "--init-img", files["base"], "--refiner-ckpt", files["refiner"], *common,
-                    "--steps", "2", "--strength", "0.5", "--outdir", tmp_path)
+                    steps_flag, "2", "--strength", "0.5", "--outdir", tmp_path)
     assert_error(result, "leaves no denoising step")
+
+
+def test_image_sides_must_fit_the_models_downsampling(tmp_path, files, common, monkeypatch):
+    """The error names the multiple and where it comes from (VAE factor x UNet downsampling of the configs)."""
+    import ldm.checkpoint
+
+    monkeypatch.setattr(ldm.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    init = tmp_path / "init.png"
+    Image.new("RGB", (SIZE, SIZE)).save(init)
+    result = invoke("sdxl-refine", "x", "--init-img", init, "--refiner-ckpt", files["refiner"], *common,
+                    "--W", "18", "--outdir", tmp_path / "out")
+    assert_error(result, "--W 18 must be a multiple of 4 for these SDXL models (VAE factor 2 x UNet downsampling 2)")
+
+
+@pytest.mark.parametrize("steps", [3, 37, 600])
+def test_legacy_grid_counts_past_the_table_are_refused_before_loading(tmp_path, files, common, monkeypatch, steps):
+    """--grid sgm_legacy: range(0, 1000, 1000 // S) + 1 reaches t = 1000 for these S; one line, exit 2."""
+    import ldm.checkpoint
+
+    monkeypatch.setattr(ldm.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    expected = f"{steps} steps on the sgm_legacy grid would put the last SGM 0.9 timestep at t=1000"
+    result = invoke("txt2img", "x", "--config", TINY_CONFIGS["base"], "--ckpt", files["base"], "--device", "cpu",
+                    "--grid", "sgm_legacy", "--steps", steps, "--H", SIZE, "--W", SIZE, "--outdir", tmp_path)
+    assert "use e.g." in assert_error(result, expected)
+    result = invoke("sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["refiner"], *common,
+                    "--grid", "sgm_legacy", "--steps", steps, "--H", SIZE, "--W", SIZE, "--outdir", tmp_path)
+    assert_error(result, expected)
+    result = invoke("sdxl-refine", "x", "--init-img", files["base"], "--refiner-ckpt", files["refiner"], *common,
+                    "--grid", "sgm_legacy", "--steps", steps, "--outdir", tmp_path)
+    assert_error(result, expected)
 
 
 def test_subprocess_end_to_end(tmp_path, files):

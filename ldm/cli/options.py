@@ -1,4 +1,4 @@
-"""Shared command-line flags and the options dataclass the generation commands fill.
+"""Shared command-line flags and the options dataclasses the generation commands fill.
 
 Every flag of the CompVis ``scripts/txt2img.py`` / ``scripts/img2img.py`` keeps its original spelling
 (``--ddim_steps``, ``--n_samples``, ``--H`` ...) next to a dashed one (``--ddim-steps``, ``--steps``); the
@@ -49,66 +49,78 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-@dataclass
-class GenerateOptions:
-    """Everything a txt2img / img2img run is made from (the flags, resolved), stored in the run manifest.
+@dataclass(kw_only=True)
+class RunOptions:
+    """The options every generation command shares (the flags, resolved), stored in the run manifest; each
+    command's dataclass adds its own fields and defaults (:class:`GenerateOptions`, ``UnclipOptions``,
+    ``RefineOptions``).
 
-    ``steps``/``sampler``/``scale``/``height``/``width`` None mean the model family's default (filled in by
-    :func:`ldm.cli.run.plan_run`; a recorded run holds the values used); ``height``/``width`` stay None for
-    img2img (the init image's size). ``factor`` None means the config's VAE downsampling factor;
-    ``config``/``ckpt`` None mean the original scripts' default paths. ``prompt_list`` (set by ``sdgen
-    replay``) replaces reading ``from_file`` again. ``safety_checker`` is a checker weights file (None: the
-    model config's ``safety_checker`` entry, if any); ``sld`` the Safe Latent Diffusion settings
-    (:func:`ldm.sld_config.options_record`), None for plain classifier-free guidance. The SDXL fields
-    (:data:`SDXL_FIELDS`, None: the SGM demo's values) apply to SDXL configs only.
+    ``prompt_list`` (set by ``sdgen replay``) replaces reading ``from_file`` again. ``height``/``width`` None mean
+    the default size or the init image's; ``ckpt`` None the original scripts' default path. ``safety_checker`` is
+    a checker weights file (None: the model config's ``safety_checker`` entry, if any). The SDXL
+    micro-conditioning fields (:data:`SDXL_FIELDS`, None: the SGM demo's values) apply to SDXL models only.
     """
 
     command: str
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str = ""
     from_file: Optional[str] = None
-    outdir: str = "outputs/txt2img-samples"
+    prompt_list: Optional[list[str]] = field(default=None)
     skip_grid: bool = False
     skip_save: bool = False
+    n_rows: int = 0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    seed: int = 42
+    fixed_code: bool = False
+    ckpt: Optional[str] = None
+    init_img: Optional[str] = None
+    precision: str = Precision.autocast.value
+    device: str = "auto"
+    safety_checker: Optional[str] = None
+    no_safety_checker: bool = False
+    watermark: bool = True
+    original_size: Optional[str] = None
+    crop_coords: Optional[str] = None
+    target_size: Optional[str] = None
+
+    @property
+    def per_image_prompts(self) -> bool:
+        """Whether each prompt is one image per iteration (a prompt file or a replayed list) rather than one
+        prompt for the whole batch."""
+        return self.from_file is not None or self.prompt_list is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(kw_only=True)
+class GenerateOptions(RunOptions):
+    """Everything a txt2img / img2img / safe-txt2img run is made from, stored in the run manifest.
+
+    ``steps``/``sampler``/``scale``/``height``/``width`` None mean the model family's default (filled in by
+    :func:`ldm.cli.run.plan_run`; a recorded run holds the values used); ``height``/``width`` stay None for
+    img2img (the init image's size). ``factor`` None means the config's VAE downsampling factor; ``config``
+    None the original scripts' default path. ``sld`` holds the Safe Latent Diffusion settings
+    (:func:`ldm.sld_config.options_record`), None for plain classifier-free guidance. ``grid`` and the
+    aesthetic scores (None: the SGM demo's) apply to SDXL configs only.
+    """
+
+    outdir: str = "outputs/txt2img-samples"
     steps: Optional[int] = None
     sampler: Optional[str] = None
     eta: float = 0.0
     n_samples: int = 3
     n_iter: int = 2
-    n_rows: int = 0
     scale: Optional[float] = None
-    height: Optional[int] = None
-    width: Optional[int] = None
     latent_channels: int = 4
     factor: Optional[int] = None
-    seed: int = 42
-    fixed_code: bool = False
     config: Optional[str] = None
-    ckpt: Optional[str] = None
-    precision: str = Precision.autocast.value
-    device: str = "auto"
-    init_img: Optional[str] = None
     strength: float = 0.75
-    prompt_list: Optional[list[str]] = field(default=None)
-    safety_checker: Optional[str] = None
-    no_safety_checker: bool = False
-    watermark: bool = True
     sld: Optional[dict[str, Any]] = None
     grid: Optional[str] = None
-    original_size: Optional[str] = None
-    crop_coords: Optional[str] = None
-    target_size: Optional[str] = None
     aesthetic_score: Optional[float] = None
     negative_aesthetic_score: Optional[float] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GenerateOptions":
-        """Rebuild from a manifest's ``options`` (unknown keys from other versions are ignored)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def pick_sampler(sampler: Optional[str], plms: bool, dpm_solver: bool) -> Optional[str]:
@@ -122,9 +134,29 @@ def pick_sampler(sampler: Optional[str], plms: bool, dpm_solver: bool) -> Option
     return sampler or (chosen[0] if chosen else None)
 
 
-def sampler_help() -> str:
-    return ("sampler: " + ", ".join(SAMPLER_NAMES) + " (default ddim, euler for SDXL; --plms / --dpm_solver pick "
-            "those)")
+def sampler_help(default: str, switches: bool = True) -> str:
+    """``--sampler`` help: the names, the command's ``default`` and, where the command has them, the originals'
+    ``--plms`` / ``--dpm_solver`` switches."""
+    return (f"sampler: {', '.join(SAMPLER_NAMES)} (default {default}"
+            + ("; --plms / --dpm_solver pick those)" if switches else ")"))
+
+
+#: Image sides must be multiples of VAE factor x UNet downsampling (:func:`ldm.cli.run.check_geometry`,
+#: :func:`ldm.pipelines.latent_size_multiple`): 8 x 8 for the SD 1.x / 2.x configs, 8 x 4 for the SDXL base.
+SD_SIZE_RULE = "a multiple of 64 for SD 1.x / 2.x: VAE factor 8 x UNet downsampling 8"
+SDXL_BASE_SIZE_RULE = "32 for the SDXL base"
+ANY_SIZE_RULE = f"{SD_SIZE_RULE}; {SDXL_BASE_SIZE_RULE}"  # txt2img / img2img: SD 1.x / 2.x or SDXL configs
+SDXL_REFINER_SIZE_RULE = "a multiple of 64 with the SDXL refiner: VAE factor 8 x UNet downsampling 8"
+
+#: The spellings of the step-count flag in every command (CompVis ``--ddim_steps``).
+STEPS_FLAGS = ("--ddim_steps", "--ddim-steps", "--steps")
+
+
+def size_option(side: str, text: str, rule: str = SD_SIZE_RULE, show_default: Any = True) -> Any:
+    """The ``--H``/``--height`` (``side="height"``) or ``--W``/``--width`` option; its help is ``text`` (with
+    ``{side}`` filled in) followed by the size ``rule`` in brackets."""
+    flags = ("--H", "--height") if side == "height" else ("--W", "--width")
+    return typer.Option(*flags, show_default=show_default, help=f"{text.format(side=side)} ({rule})")
 
 
 def prompt_from(argument: Optional[str], option: Optional[str], default: str = DEFAULT_PROMPT) -> str:
@@ -209,12 +241,14 @@ FromFile = Annotated[
 Outdir = Annotated[str, typer.Option("--outdir", help="write results to this folder")]
 SkipGrid = Annotated[bool, typer.Option("--skip_grid", "--skip-grid", help="do not save a grid, only samples")]
 SkipSave = Annotated[bool, typer.Option("--skip_save", "--skip-save", help="do not save individual samples")]
-Steps = Annotated[
-    Optional[int], typer.Option("--ddim_steps", "--ddim-steps", "--steps", help="number of sampling steps")]
+Steps = Annotated[Optional[int], typer.Option(*STEPS_FLAGS, help="number of sampling steps")]
 Plms = Annotated[bool, typer.Option("--plms", help="use PLMS sampling (= --sampler plms)")]
 DpmSolver = Annotated[
     bool, typer.Option("--dpm_solver", "--dpm-solver", help="use DPM-Solver++(2M) (= --sampler dpmpp_2m)")]
-Sampler = Annotated[Optional[str], typer.Option("--sampler", help=sampler_help(), show_default=False)]
+# txt2img / img2img: an SDXL config takes the SGM demo's Euler; SDSampler: the commands for SD 1.x / 2.x only
+Sampler = Annotated[
+    Optional[str], typer.Option("--sampler", help=sampler_help("ddim, euler for SDXL"), show_default=False)]
+SDSampler = Annotated[Optional[str], typer.Option("--sampler", help=sampler_help("ddim"), show_default=False)]
 Eta = Annotated[
     float, typer.Option("--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0.0 = deterministic sampling)")]
 NIter = Annotated[int, typer.Option("--n_iter", "--n-iter", help="sample this often")]
@@ -222,23 +256,18 @@ NSamples = Annotated[
     int, typer.Option("--n_samples", "--n-samples", help="how many samples per prompt, a.k.a. batch size")]
 NRows = Annotated[int, typer.Option("--n_rows", "--n-rows", help="images per grid row (0: n_samples)")]
 Scale = Annotated[Optional[float], typer.Option("--scale", help="classifier-free guidance scale (1.0: no guidance)")]
-Height = Annotated[
-    Optional[int], typer.Option("--H", "--height", help="image height in pixels (a multiple of 8 and of --f)")]
-Width = Annotated[
-    Optional[int], typer.Option("--W", "--width", help="image width in pixels (a multiple of 8 and of --f)")]
+Height = Annotated[Optional[int], size_option("height", "image {side} in pixels")]
+Width = Annotated[Optional[int], size_option("width", "image {side} in pixels")]
 # the same flags where an unset one takes the model family's default (txt2img, img2img)
 ModelSteps = Annotated[
-    Optional[int], typer.Option("--ddim_steps", "--ddim-steps", "--steps", show_default="50",
-                                help="number of sampling steps")]
+    Optional[int], typer.Option(*STEPS_FLAGS, show_default="50", help="number of sampling steps")]
 ModelScale = Annotated[
     Optional[float], typer.Option("--scale", show_default="7.5 (img2img 5.0); 5.0 for SDXL",
                                   help="classifier-free guidance scale (1.0: no guidance)")]
-ModelHeight = Annotated[
-    Optional[int], typer.Option("--H", "--height", show_default="512; 1024 for SDXL",
-                                help="image height in pixels (a multiple of 8 and of --f)")]
-ModelWidth = Annotated[
-    Optional[int], typer.Option("--W", "--width", show_default="512; 1024 for SDXL",
-                                help="image width in pixels (a multiple of 8 and of --f)")]
+ModelHeight = Annotated[Optional[int], size_option("height", "image {side} in pixels", ANY_SIZE_RULE,
+                                                   "512; 1024 for SDXL")]
+ModelWidth = Annotated[Optional[int], size_option("width", "image {side} in pixels", ANY_SIZE_RULE,
+                                                  "512; 1024 for SDXL")]
 LatentChannels = Annotated[int, typer.Option("--C", "--latent-channels", help="latent channels")]
 Factor = Annotated[
     Optional[int], typer.Option("--f", "--downsampling-factor", show_default="the config's VAE factor",
@@ -260,12 +289,10 @@ InitImg = Annotated[Optional[str], typer.Option("--init-img", "--init_img", help
 Strength = Annotated[
     float, typer.Option("--strength", help="noising strength in (0, 1]; 1.0 destroys all information of the "
                         "init image")]
-OptHeight = Annotated[
-    Optional[int], typer.Option("--H", "--height", show_default="the init image's, rounded down",
-                                help="resize the init image to this height")]
-OptWidth = Annotated[
-    Optional[int], typer.Option("--W", "--width", show_default="the init image's, rounded down",
-                                help="resize the init image to this width")]
+OptHeight = Annotated[Optional[int], size_option("height", "resize the init image to this {side}", ANY_SIZE_RULE,
+                                                 "the init image's, rounded down")]
+OptWidth = Annotated[Optional[int], size_option("width", "resize the init image to this {side}", ANY_SIZE_RULE,
+                                                "the init image's, rounded down")]
 SafetyCheckerPath = Annotated[
     Optional[str], typer.Option("--safety-checker", show_default="the model config's safety_checker entry",
                                 help="safety checker weights (.safetensors/.bin/.ckpt of the released CLIP "
@@ -295,4 +322,4 @@ NegativeAestheticScore = Annotated[
 Grid = Annotated[
     Optional[str], typer.Option("--grid", show_default="sgm", help="SDXL timestep grid: sgm = linspace(999, 0, "
                                 "steps) as SGM since June 2023 and SDXL 1.0; sgm_legacy = range(0, 1000, 1000 // "
-                                "steps) + 1 as the 0.9 release")]
+                                "steps) + 1 as the 0.9 release (refuses counts that reach t = 1000: 3, 37, ...)")]

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ldm import __version__
 from ldm import pipelines
-from ldm.cli.options import COMPVIS_DEFAULTS, SDXL_FIELDS, GenerateOptions, parse_pair, sdxl_settings
+from ldm.cli.options import COMPVIS_DEFAULTS, SDXL_FIELDS, GenerateOptions, RunOptions, parse_pair, sdxl_settings
 from ldm.cli.output import ImageRecord, OutputFolder, RunManifest, format_parameters, relative_to
 from ldm.errors import SdgenError
 from ldm.pipelines import (
@@ -274,6 +274,29 @@ class RunOutput:
     per_image: Optional[Callable[[ImageJob], Mapping[str, Any]]] = None
 
 
+def run_output(out: OutputFolder, safety: Any, settings: dict[str, Any], opts: RunOptions,
+               per_image: Optional[Callable[[ImageJob], Mapping[str, Any]]] = None) -> RunOutput:
+    """The :class:`RunOutput` of a run from its shared flags (negative prompt, skip flags, grid rows)."""
+    return RunOutput(out, safety, settings, opts.negative_prompt, opts.skip_save, opts.skip_grid,
+                     opts.n_rows or opts.n_samples, per_image)
+
+
+def output_safety(opts: RunOptions, model_config: Any, device: torch.device) -> Any:
+    """The run's safety checker and watermark from its flags (:meth:`ldm.safety.postprocess.OutputSafety.resolve`)."""
+    from ldm.safety.postprocess import OutputSafety
+
+    return OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
+                                model_config=model_config, device=device)
+
+
+def recorded_options(opts: RunOptions, out: OutputFolder, **changes: Any) -> Any:
+    """``opts`` as a run manifest records them: the output folder and the shared input files as absolute paths,
+    no prompt list (the manifest holds the prompts); ``changes``: the command's own resolved values."""
+    return replace(opts, outdir=str(out.root.resolve()), from_file=absolute(opts.from_file),
+                   init_img=absolute(opts.init_img), safety_checker=absolute(opts.safety_checker), prompt_list=None,
+                   **changes)
+
+
 Generation = Callable[[StepCallback, BatchCallback], Iterable[GeneratedImage]]
 
 
@@ -376,6 +399,9 @@ def resolve_sampling_defaults(opts: GenerateOptions, config: Any, sdxl: bool) ->
         defaults = {k: defaults[k] for k in ("sampler", "steps", "scale", "height", "width", "grid")}
     else:
         defaults = dict(COMPVIS_DEFAULTS.get(opts.command, COMPVIS_DEFAULTS["txt2img"]))
+        own = config.get("sampling_defaults", None) if hasattr(config, "get") else None
+        if own:  # a config's own defaults (the bundled demo model: 64x64, fewer steps)
+            defaults.update({k: v for k, v in dict(own).items() if k in ("sampler", "steps", "scale", "height", "width")})
     if opts.command == "img2img":
         defaults.pop("height", None)
         defaults.pop("width", None)

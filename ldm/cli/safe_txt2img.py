@@ -76,7 +76,7 @@ def safe_txt2img(
     steps: o.Steps = 50,
     plms: o.Plms = False,
     dpm_solver: o.DpmSolver = False,
-    sampler: o.Sampler = None,
+    sampler: o.SDSampler = None,
     eta: o.Eta = 0.0,
     n_iter: o.NIter = 2,
     height: o.Height = 512,

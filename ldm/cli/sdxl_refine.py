@@ -14,7 +14,7 @@ are the SGM demo's: Euler, 50 steps, guidance 5.0, 1024 x 1024, seed 42. The mic
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 
@@ -33,6 +33,10 @@ SChurn = Annotated[float, typer.Option("--s-churn", help="Euler/Heun churn S_chu
 STmin = Annotated[float, typer.Option("--s-tmin", help="churn only for sigma >= s_tmin")]
 STmax = Annotated[float, typer.Option("--s-tmax", help="churn only for sigma <= s_tmax")]
 SNoise = Annotated[float, typer.Option("--s-noise", help="churn noise multiplier")]
+RefineHeight = Annotated[Optional[int], o.size_option("height", "image {side} in pixels", o.SDXL_REFINER_SIZE_RULE,
+                                                      "1024, or the init image's")]
+RefineWidth = Annotated[Optional[int], o.size_option("width", "image {side} in pixels", o.SDXL_REFINER_SIZE_RULE,
+                                                     "1024, or the init image's")]
 
 CONFIG_BASE = "configs/sdxl/sd_xl_base.yaml"
 CONFIG_REFINER = "configs/sdxl/sd_xl_refiner.yaml"
@@ -42,22 +46,19 @@ FILE_REFINER = "sd_xl_refiner_0.9.safetensors"
 # ----------------------------------------------------------------------------- options
 
 
-@dataclass
-class RefineOptions:
-    """Everything an ``sdxl-refine`` run is made from (the flags, resolved), stored in the run manifest."""
+@dataclass(kw_only=True)
+class RefineOptions(o.RunOptions):
+    """Everything an ``sdxl-refine`` run is made from (the flags, resolved), stored in the run manifest: the
+    shared fields (:class:`~ldm.cli.options.RunOptions`) and the SDXL two-stage / SDEdit ones. ``ckpt`` is the
+    base (two-stage mode), ``init_img`` the image to refine (SDEdit mode); ``high_noise_frac`` / ``strength``
+    None mean the mode's default (:func:`resolve_defaults`)."""
 
+    command: str = "sdxl-refine"
     prompt: str
-    refiner_ckpt: Optional[str]
-    ckpt: Optional[str] = None
-    init_img: Optional[str] = None
+    refiner_ckpt: Optional[str] = None
     config: str = CONFIG_BASE
     refiner_config: str = CONFIG_REFINER
-    negative_prompt: str = ""
-    from_file: Optional[str] = None
-    prompt_list: Optional[list[str]] = None
     outdir: str = "outputs/sdxl-refine-samples"
-    skip_grid: bool = False
-    skip_save: bool = False
     high_noise_frac: Optional[float] = None
     strength: Optional[float] = None
     steps: int = 50
@@ -68,24 +69,10 @@ class RefineOptions:
     s_tmin: float = 0.0
     s_tmax: float = 999.0
     s_noise: float = 1.0
-    height: Optional[int] = None
-    width: Optional[int] = None
     n_samples: int = 1
     n_iter: int = 1
-    n_rows: int = 0
-    seed: int = 42
-    fixed_code: bool = False
-    original_size: Optional[str] = None
-    crop_coords: Optional[str] = None
-    target_size: Optional[str] = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
-    precision: str = o.Precision.autocast.value
-    device: str = "auto"
-    safety_checker: Optional[str] = None
-    no_safety_checker: bool = False
-    watermark: bool = True
-    command: str = field(default="sdxl-refine")
 
     @property
     def two_stage(self) -> bool:
@@ -134,8 +121,8 @@ def check_refine_options(opts: RefineOptions) -> None:
     if opts.n_rows < 0:
         raise SdgenError(f"--n_rows must be 0 (= n_samples) or more, got {opts.n_rows}")
     for flag, value in (("--H", opts.height), ("--W", opts.width)):
-        if value is not None and (value <= 0 or value % 8):
-            raise SdgenError(f"{flag} must be a positive multiple of 8, got {value}")
+        if value is not None and value <= 0:  # the multiple the models need is checked with their configs
+            raise SdgenError(f"{flag} must be a positive number of pixels, got {value}")
     if opts.sampler not in SAMPLERS:
         raise SdgenError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if opts.grid not in SDXL_GRIDS:
@@ -202,15 +189,16 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
     from ldm.checkpoint import file_sha256, load_config, load_model
     from ldm.cli.output import OutputFolder
     from ldm.cli.run import (
-        RunOutput,
-        absolute,
         check_expectations,
         fit_init_image,
         model_record,
+        output_safety,
         png_settings,
         read_prompts,
+        recorded_options,
         resolve_device,
         run_header,
+        run_output,
         write_run,
     )
     from ldm.models.diffusion.engine import DiffusionEngine
@@ -222,7 +210,6 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
         resolve_checkpoint,
         vae_downsampling_factor,
     )
-    from ldm.safety.postprocess import OutputSafety
     from ldm.sdxl_pipeline import generate_sdxl, load_dtype, plan_stages, stage_summary
 
     opts = resolve_defaults(opts)
@@ -238,6 +225,7 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
     base_config = load_config(base_files.config) if base_files else None
     check_schedule(base_config or refiner_config, opts)
     multiple = max(latent_size_multiple(c) for c in (refiner_config, base_config) if c is not None)
+    factor = vae_downsampling_factor(refiner_config)
 
     init_tensor = None
     if opts.init_img:
@@ -247,14 +235,14 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
         height, width = opts.height or 1024, opts.width or 1024
     for flag, value in (("--H", height), ("--W", width)):
         if value % multiple:
-            raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for the SDXL models")
+            raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for these SDXL models "
+                             f"(VAE factor {factor} x UNet downsampling {multiple // factor})")
 
     settings = o.sdxl_settings(opts, opts.high_noise_frac if opts.two_stage else None)
-    per_image_prompts = opts.from_file is not None or opts.prompt_list is not None
     request = GenerationRequest(
-        batches=prompt_batches(prompts, opts.n_samples, per_image=per_image_prompts),
+        batches=prompt_batches(prompts, opts.n_samples, per_image=opts.per_image_prompts),
         n_iter=opts.n_iter, negative_prompt=opts.negative_prompt, sampler=opts.sampler, steps=opts.steps,
-        scale=opts.scale, height=height, width=width, factor=vae_downsampling_factor(refiner_config),
+        scale=opts.scale, height=height, width=width, factor=factor,
         seed=opts.seed, fixed_code=opts.fixed_code, init_image=init_tensor,
         strength=opts.strength if opts.strength is not None else 1.0,
         precision=opts.precision,
@@ -269,8 +257,7 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
     main_files, main_sha = (base_files, base_sha) if base_files else (refiner_files, refiner_sha)
     check_expectations(expect, {"checkpoint_sha256": main_sha, "refiner_checkpoint_sha256": refiner_sha,
                                 "init_image_sha256": init_sha})
-    safety = OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
-                                  model_config=refiner_config, device=device)
+    safety = output_safety(opts, refiner_config, device)
 
     base = None
     if base_files is not None:
@@ -283,15 +270,13 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
             raise SdgenError(f"{name}: the config does not build an SDXL DiffusionEngine")
     stages = plan_stages(request, settings, base, refiner)
 
-    recorded = replace(opts, outdir=str(out.root.resolve()), prompt_list=None, height=height, width=width,
-                       from_file=absolute(opts.from_file), init_img=absolute(opts.init_img),
-                       safety_checker=absolute(opts.safety_checker),
-                       ckpt=str(base_files.checkpoint) if base_files else None,
-                       config=str(base_files.config) if base_files else opts.config,
-                       refiner_ckpt=str(refiner_files.checkpoint), refiner_config=str(refiner_files.config))
+    recorded = recorded_options(opts, out, height=height, width=width,
+                                ckpt=str(base_files.checkpoint) if base_files else None,
+                                config=str(base_files.config) if base_files else opts.config,
+                                refiner_ckpt=str(refiner_files.checkpoint), refiner_config=str(refiner_files.config))
     header = run_header(
-        opts.command, device, asdict(recorded), model_record(main_files.config, main_files.checkpoint, main_sha),
-        request, prompts, per_image_prompts,
+        opts.command, device, recorded.to_dict(), model_record(main_files.config, main_files.checkpoint, main_sha),
+        request, prompts, opts.per_image_prompts,
         refiner=model_record(refiner_files.config, refiner_files.checkpoint, refiner_sha),
         init_image={"path": recorded.init_img, "sha256": init_sha} if init_sha else None,
         stages=stage_summary(stages),
@@ -313,9 +298,7 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
         return generate_sdxl(request, settings, base=base, refiner=refiner, on_step=on_step, on_batch=on_batch,
                              safety_checker=safety.checker)
 
-    output = RunOutput(out, safety, png, opts.negative_prompt, opts.skip_save, opts.skip_grid,
-                       opts.n_rows or opts.n_samples)
-    return write_run(generation, request.jobs(), header, output)
+    return write_run(generation, request.jobs(), header, run_output(out, safety, png, opts))
 
 
 def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
@@ -375,19 +358,18 @@ def sdxl_refine(
     outdir: o.Outdir = "outputs/sdxl-refine-samples",
     skip_grid: o.SkipGrid = False,
     skip_save: o.SkipSave = False,
-    steps: Annotated[int, typer.Option("--steps", "--ddim_steps", help="sampling steps of the whole grid "
-                                       "(shared by base and refiner)")] = 50,
-    sampler: Annotated[str, typer.Option("--sampler", help="sampler (euler = SGM EulerEDM)")] = "euler",
+    steps: Annotated[int, typer.Option(*o.STEPS_FLAGS, help="sampling steps of the whole grid (shared by base "
+                                       "and refiner)")] = 50,
+    sampler: Annotated[str, typer.Option("--sampler", help=o.sampler_help("euler = SGM EulerEDM", switches=False),
+                                         show_default=False)] = "euler",
     grid: o.Grid = "sgm",
     scale: o.Scale = 5.0,
     s_churn: SChurn = 0.0,
     s_tmin: STmin = 0.0,
     s_tmax: STmax = 999.0,
     s_noise: SNoise = 1.0,
-    height: Annotated[Optional[int], typer.Option("--H", "--height", show_default="1024, or the init image's",
-                                                  help="image height in pixels")] = None,
-    width: Annotated[Optional[int], typer.Option("--W", "--width", show_default="1024, or the init image's",
-                                                 help="image width in pixels")] = None,
+    height: RefineHeight = None,
+    width: RefineWidth = None,
     original_size: o.OriginalSize = None,
     crop_coords: o.CropCoords = None,
     target_size: o.TargetSize = None,

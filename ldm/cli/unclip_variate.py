@@ -12,7 +12,7 @@ parameters, run manifest, safety checker and watermark are those of txt2img (:fu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Mapping, Optional
 
@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 INPUT_MULTIPLE = 64  # the demo resizes the input down to multiples of 64 (LANCZOS) before embedding it
 
 
-@dataclass
+@dataclass(kw_only=True)
 class UnclipOptions(o.GenerateOptions):
     """The flags of ``unclip-variate`` (the txt2img ones plus the unCLIP ones), stored in the run manifest.
 
@@ -102,16 +102,18 @@ def execute_unclip(
     from ldm.checkpoint import CONFIG_UNCLIP_L, bundled_config, file_sha256, guess_config, load_config, read_state_dict
     from ldm.cli.output import OutputFolder
     from ldm.cli.run import (
-        RunOutput,
         absolute,
         check_expectations,
         check_geometry,
         model_record,
+        output_safety,
         png_settings,
         read_prompts,
+        recorded_options,
         resolve_device,
         resolve_sampling_defaults,
         run_header,
+        run_output,
         write_run,
     )
     from ldm.models.diffusion.unclip import (
@@ -123,11 +125,8 @@ def execute_unclip(
         missing_clip_stats_notice,
         unclip_config_for,
     )
-    from ldm.safety.postprocess import OutputSafety
-
     check_unclip_options(opts)
     prompts = read_prompts(opts)
-    per_image_prompts = opts.from_file is not None or opts.prompt_list is not None
     init_paths = init_image_paths(opts.init_img)
     init_tensors = [pipelines.image_to_tensor(pipelines.read_image(p), None, INPUT_MULTIPLE) for p in init_paths]
 
@@ -157,7 +156,7 @@ def execute_unclip(
     init_shas = [file_sha256(p) for p in init_paths]
     check_expectations(expect, {"checkpoint_sha256": ckpt_sha, "init_image_sha256": init_shas})
 
-    batches, batches_per_init = _batches(prompts, opts.n_samples, per_image_prompts, len(init_paths))
+    batches, batches_per_init = _batches(prompts, opts.n_samples, opts.per_image_prompts, len(init_paths))
     request = pipelines.GenerationRequest(
         batches=batches, n_iter=opts.n_iter, negative_prompt=opts.negative_prompt, sampler=opts.sampler,
         steps=opts.steps, scale=opts.scale, eta=opts.eta, height=opts.height, width=opts.width,
@@ -169,8 +168,7 @@ def execute_unclip(
     def init_of(batch_jobs) -> int:
         return (batch_jobs[0].batch % len(batches)) // batches_per_init
 
-    safety = OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
-                                  model_config=config, device=device)
+    safety = output_safety(opts, config, device)
     logger.info("loading %s with %s on %s", files.checkpoint, config_path, device)
     model = load_unclip_model(str(config_path), files.checkpoint, state_dict=state_dict,
                               embedder_ckpt=opts.embedder_ckpt, clip_stats=opts.clip_stats, device=device)
@@ -180,18 +178,14 @@ def execute_unclip(
     conditioner = ImageVariationConditioning(model, [t.to(device) for t in init_tensors], opts.noise_level,
                                              image_of_batch=init_of)
 
-    recorded = replace(
-        opts, outdir=str(out.root.resolve()), config=str(config_path), ckpt=str(files.checkpoint),
-        from_file=absolute(opts.from_file), init_img=absolute(opts.init_img), prompt_list=None,
-        clip_stats=absolute(opts.clip_stats), embedder_ckpt=absolute(opts.embedder_ckpt),
-        safety_checker=absolute(opts.safety_checker),
-    )
+    recorded = recorded_options(opts, out, config=str(config_path), ckpt=str(files.checkpoint),
+                                clip_stats=absolute(opts.clip_stats), embedder_ckpt=absolute(opts.embedder_ckpt))
     header = run_header(
         COMMAND, device, recorded.to_dict(),
         model_record(config_path, files.checkpoint, ckpt_sha,
                      clip_stats_sha256=file_sha256(opts.clip_stats) if opts.clip_stats else None,
                      embedder_ckpt_sha256=file_sha256(opts.embedder_ckpt) if opts.embedder_ckpt else None),
-        request, prompts, per_image_prompts,
+        request, prompts, opts.per_image_prompts,
         init_images=[{"path": str(p.resolve()), "sha256": h} for p, h in zip(init_paths, init_shas)],
         init_image_of=[init_of(batch) for batch in jobs for _ in batch],
         noise_level=opts.noise_level,
@@ -206,8 +200,7 @@ def execute_unclip(
         return pipelines.generate(model, request, on_step=on_step, on_batch=on_batch, conditioner=conditioner,
                                   safety_checker=safety.checker)
 
-    output = RunOutput(out, safety, settings, opts.negative_prompt, opts.skip_save, opts.skip_grid,
-                       opts.n_rows or opts.n_samples, per_image=lambda job: {"Init image": sources[job.batch]})
+    output = run_output(out, safety, settings, opts, per_image=lambda job: {"Init image": sources[job.batch]})
     return write_run(generation, jobs, header, output)
 
 
@@ -261,7 +254,7 @@ def unclip_variate(
     steps: o.Steps = 20,
     plms: o.Plms = False,
     dpm_solver: o.DpmSolver = False,
-    sampler: o.Sampler = None,
+    sampler: o.SDSampler = None,
     eta: o.Eta = 0.0,
     n_iter: o.NIter = 2,
     height: o.Height = 768,

@@ -22,7 +22,7 @@ continuous t it is CV ``dpm_solver`` multistep order 2); Euler / Heun (Karras et
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -32,20 +32,36 @@ from ldm.sampling import schedules
 DenoiserFn = Callable[..., torch.Tensor]
 Callback = Callable[[dict], Any]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # model(x, sigma): the denoiser at a scalar sigma
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# helpers
+# helpers: the pieces of a step that several samplers share
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _prepare(x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Sigmas on x's device (float32, or float64 for float64 x), extra args, and the (B,) ones vector."""
+def _prepare(
+    denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None
+) -> tuple[torch.Tensor, Model]:
+    """Sigmas on x's device (float32, or float64 for float64 x) and ``model(x, sigma)``: the denoiser at the
+    scalar ``sigma`` broadcast to the batch, ``denoiser(x, sigma * ones(B), **extra_args)``."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     sigmas = torch.as_tensor(sigmas).to(device=x.device, dtype=dtype)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise SdgenError(f"a sampler needs a 1-D grid of at least 2 sigmas, got shape {tuple(sigmas.shape)}")
-    return sigmas, dict(extra_args or {}), torch.ones(x.shape[0], device=x.device, dtype=dtype)
+    extra = dict(extra_args or {})
+    s_in = torch.ones(x.shape[0], device=x.device, dtype=dtype)
+
+    def model(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return denoiser(x_in, sigma * s_in, **extra)
+
+    return sigmas, model
+
+
+def _steps(sigmas: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(i, sigma_i, sigma_{i+1})`` for each step of a descending grid (0-d tensors)."""
+    for i in range(len(sigmas) - 1):
+        yield i, sigmas[i], sigmas[i + 1]
 
 
 def _need_noise(noise_sampler: NoiseSampler | None, what: str) -> NoiseSampler:
@@ -54,9 +70,19 @@ def _need_noise(noise_sampler: NoiseSampler | None, what: str) -> NoiseSampler:
     return noise_sampler
 
 
-def _report(callback: Callback | None, **info: Any) -> None:
+def _report(
+    callback: Callback | None,
+    i: int,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    denoised: torch.Tensor,
+    sigma_hat: torch.Tensor | None = None,
+) -> None:
+    """The once-per-step callback (module docstring); ``sigma_hat`` defaults to ``sigma`` (no churn)."""
     if callback is not None:
-        callback(info)
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next,
+                  "sigma_hat": sigma if sigma_hat is None else sigma_hat, "denoised": denoised})
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -82,11 +108,74 @@ def get_ancestral_step(
     return sigma_down, sigma_up
 
 
-def _churn_gamma(sigma: torch.Tensor, steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
-    """Karras et al. 2022 alg. 2 gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0."""
-    if s_churn > 0 and s_tmin <= float(sigma) <= s_tmax:
-        return min(s_churn / steps, 2**0.5 - 1)
-    return 0.0
+def _ancestral_noise(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    sigma_up: torch.Tensor,
+    s_noise: float,
+    noise_sampler: NoiseSampler | None,
+    what: str,
+) -> torch.Tensor:
+    """The noise half of an ancestral step: x + noise * s_noise * sigma_up (x itself when sigma_up is 0)."""
+    if sigma_up > 0:
+        return x + _need_noise(noise_sampler, what)(sigma, sigma_next) * s_noise * sigma_up
+    return x
+
+
+@dataclass(frozen=True)
+class _Churn:
+    """Karras et al. 2022 alg. 2 churn settings: gamma_i = min(S_churn / N, sqrt(2) - 1) for S_tmin <= sigma
+    <= S_tmax, else 0; the noise is scaled by S_noise."""
+
+    s_churn: float
+    s_tmin: float
+    s_tmax: float
+    s_noise: float
+
+    def apply(
+        self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, steps: int,
+        noise_sampler: NoiseSampler | None, what: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x at sigma_hat, sigma_hat = sigma (1 + gamma)); noise sqrt(sigma_hat^2 - sigma^2) * S_noise is drawn
+        only when gamma > 0 (SGM ``EulerEDMSampler``; k-diffusion draws every step)."""
+        gamma = 0.0
+        if self.s_churn > 0 and self.s_tmin <= float(sigma) <= self.s_tmax:
+            gamma = min(self.s_churn / steps, 2**0.5 - 1)
+        sigma_hat = sigma * (gamma + 1.0)
+        if gamma > 0:
+            noise = _need_noise(noise_sampler, f"{what} with s_churn > 0")(sigma, sigma_next) * self.s_noise
+            x = x + noise * (sigma_hat**2 - sigma**2) ** 0.5
+        return x, sigma_hat
+
+
+def _sample_euler_heun(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict | None,
+    callback: Callback | None,
+    noise_sampler: NoiseSampler | None,
+    churn: _Churn,
+    heun: bool,
+) -> torch.Tensor:
+    """The loop of :func:`sample_euler` (``heun=False``) and :func:`sample_heun`: churn, the Euler step
+    x += (sigma' - sigma_hat) d, and for Heun the trapezoidal correction (not on a step to sigma 0)."""
+    sigmas, model = _prepare(denoiser, x, sigmas, extra_args)
+    n = len(sigmas) - 1
+    for i, sigma, sigma_next in _steps(sigmas):
+        x, sigma_hat = churn.apply(x, sigma, sigma_next, n, noise_sampler, "Heun" if heun else "Euler")
+        denoised = model(x, sigma_hat)
+        d = to_d(x, sigma_hat, denoised)
+        dt = sigma_next - sigma_hat
+        if heun and sigma_next != 0:
+            x_2 = x + dt * d
+            d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next))
+            x = x + dt * ((d + d_2) / 2)
+        else:
+            x = x + dt * d
+        _report(callback, i, x, sigma, sigma_next, denoised, sigma_hat)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,19 +202,17 @@ def sample_ddim(
     split is :func:`get_ancestral_step` (= the CompVis sigma_t(eta)); ``s_noise`` plays CompVis's
     ``temperature``. A step to sigma 0 returns D.
     """
-    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma * s_in, **extra)
+    sigmas, model = _prepare(denoiser, x, sigmas, extra_args)
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
             sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
             eps = (x - denoised) / sigma
             x = denoised + eps * sigma_down
-            if sigma_up > 0:
-                x = x + _need_noise(noise_sampler, "DDIM with eta > 0")(sigma, sigma_next) * s_noise * sigma_up
-        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma, denoised=denoised)
+            x = _ancestral_noise(x, sigma, sigma_next, sigma_up, s_noise, noise_sampler, "DDIM with eta > 0")
+        _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -150,16 +237,15 @@ def sample_plms(
     """
     if eta != 0:
         raise SdgenError("PLMS is deterministic: eta must be 0 (as in CompVis plms.py)")
-    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
+    sigmas, model = _prepare(denoiser, x, sigmas, extra_args)
     old_eps: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma * s_in, **extra)
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = model(x, sigma)
         eps = (x - denoised) / sigma
         if not old_eps:
             if sigma_next > 0:
                 x_prev = denoised + eps * sigma_next
-                eps_next = (x_prev - denoiser(x_prev, sigma_next * s_in, **extra)) / sigma_next
+                eps_next = (x_prev - model(x_prev, sigma_next)) / sigma_next
                 eps_prime = (eps + eps_next) / 2
             else:
                 eps_prime = eps
@@ -171,7 +257,7 @@ def sample_plms(
             eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
         x = (x - eps_prime * sigma) + eps_prime * sigma_next
         old_eps = (old_eps + [eps])[-3:]
-        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma, denoised=denoised)
+        _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -193,13 +279,12 @@ def sample_dpmpp_2m(
     ``multistep_dpm_solver_second_update`` in VE form). ``lower_order_final``: with fewer than 15 steps the
     last step is first order (CV dpm_solver ``lower_order_final=True``; diffusers the same).
     """
-    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
+    sigmas, model = _prepare(denoiser, x, sigmas, extra_args)
     n = len(sigmas) - 1
     old_denoised: torch.Tensor | None = None
     h_last: torch.Tensor | None = None
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma * s_in, **extra)
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
@@ -213,7 +298,7 @@ def sample_dpmpp_2m(
             x = (sigma_next / sigma) * x - torch.expm1(-h) * denoised_d
             h_last = h
         old_denoised = denoised
-        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma, denoised=denoised)
+        _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -237,20 +322,8 @@ def sample_euler(
     sqrt(sigma_hat^2 - sigma^2) * s_noise is drawn only when gamma > 0 (SGM; k-diffusion draws every step);
     d = (x - D(x, sigma_hat)) / sigma_hat; x += (sigma' - sigma_hat) d.
     """
-    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = _churn_gamma(sigma, n, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigma * (gamma + 1.0)
-        if gamma > 0:
-            noise = _need_noise(noise_sampler, "Euler with s_churn > 0")(sigma, sigma_next) * s_noise
-            x = x + noise * (sigma_hat**2 - sigma**2) ** 0.5
-        denoised = denoiser(x, sigma_hat * s_in, **extra)
-        d = to_d(x, sigma_hat, denoised)
-        x = x + (sigma_next - sigma_hat) * d
-        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma_hat, denoised=denoised)
-    return x
+    churn = _Churn(s_churn, s_tmin, s_tmax, s_noise)
+    return _sample_euler_heun(denoiser, x, sigmas, extra_args, callback, noise_sampler, churn, heun=False)
 
 
 @torch.no_grad()
@@ -270,26 +343,8 @@ def sample_heun(
     """Heun's 2nd-order method (Karras et al. 2022, alg. 2): Euler, then the trapezoidal correction with a
     second evaluation at sigma', except for a step to sigma 0 (Euler). Churn as in :func:`sample_euler`.
     """
-    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = _churn_gamma(sigma, n, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigma * (gamma + 1.0)
-        if gamma > 0:
-            noise = _need_noise(noise_sampler, "Heun with s_churn > 0")(sigma, sigma_next) * s_noise
-            x = x + noise * (sigma_hat**2 - sigma**2) ** 0.5
-        denoised = denoiser(x, sigma_hat * s_in, **extra)
-        d = to_d(x, sigma_hat, denoised)
-        dt = sigma_next - sigma_hat
-        if sigma_next == 0:
-            x = x + dt * d
-        else:
-            x_2 = x + dt * d
-            d_2 = to_d(x_2, sigma_next, denoiser(x_2, sigma_next * s_in, **extra))
-            x = x + dt * ((d + d_2) / 2)
-        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma_hat, denoised=denoised)
-    return x
+    churn = _Churn(s_churn, s_tmin, s_tmax, s_noise)
+    return _sample_euler_heun(denoiser, x, sigmas, extra_args, callback, noise_sampler, churn, heun=True)
 
 
 @torch.no_grad()
@@ -305,17 +360,15 @@ def sample_euler_ancestral(
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Euler ancestral (KD ``sample_euler_ancestral``): Euler to sigma_down, then noise * sigma_up (no noise
-    on a step to sigma 0). With eta = 1 this samples the reverse SDE's ancestral chain."""
-    sigmas, extra, s_in = _prepare(x, sigmas, extra_args)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma * s_in, **extra)
+    on a step to sigma 0, where sigma_up is 0). With eta = 1 this samples the reverse SDE's ancestral chain."""
+    sigmas, model = _prepare(denoiser, x, sigmas, extra_args)
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = model(x, sigma)
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
         d = to_d(x, sigma, denoised)
         x = x + d * (sigma_down - sigma)
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + _need_noise(noise_sampler, "Euler ancestral")(sigma, sigma_next) * s_noise * sigma_up
-        _report(callback, x=x, i=i, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma, denoised=denoised)
+        x = _ancestral_noise(x, sigma, sigma_next, sigma_up, s_noise, noise_sampler, "Euler ancestral")
+        _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 

@@ -124,6 +124,33 @@ def ve_to_vp(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_step_count(steps: int, grid: str, most: int | None = None) -> None:
+    """Refuse a step count below 1 (every grid) or above ``most`` (the integer-timestep grids: at most the N
+    training timesteps) with one SdgenError line."""
+    if steps < 1 or (most is not None and steps > most):
+        bounds = f"1..{most}" if most is not None else "at least 1"
+        raise SdgenError(f"the {grid} grid takes {bounds} steps, got {steps}")
+
+
+def _shifted_uniform_timesteps(
+    steps: int, num_timesteps: int, what: str, origin: str, usable: tuple[int, ...] = ()
+) -> np.ndarray:
+    """``range(0, N, N // steps) + 1`` (int64, ascending): the CompVis DDIM "uniform" grid and SGM's 0.9-release
+    "legacy LDM hack". When the stride divides N - 1 the +1 shift reaches t = N, one past the training table
+    (the originals fail with an IndexError): refused, naming the two nearest counts that work. ``what`` and
+    ``origin`` word the message ("DDIM steps", "CompVis"); ``usable``: counts above N/2 that the caller
+    handles otherwise."""
+    t = np.arange(0, num_timesteps, num_timesteps // steps, dtype=np.int64) + 1
+    if t[-1] < num_timesteps:
+        return t
+    ok = [s for s in range(1, num_timesteps // 2 + 1) if (num_timesteps - 1) % (num_timesteps // s) != 0]
+    near = sorted([*ok, *usable], key=lambda s: (abs(s - steps), s))[:2]
+    raise SdgenError(
+        f"{steps} {what} would put the last {origin} timestep at t={num_timesteps} (the original fails here); "
+        f"use e.g. {' or '.join(map(str, sorted(near)))} steps"
+    )
+
+
 def ddim_timesteps(steps: int, num_timesteps: int = 1000, method: str = "uniform") -> np.ndarray:
     """CompVis ``make_ddim_timesteps`` (CV ldm/modules/diffusionmodules/util.py), ascending int64.
 
@@ -132,24 +159,13 @@ def ddim_timesteps(steps: int, num_timesteps: int = 1000, method: str = "uniform
     (S = 3, 9, 27, 37, 111, > N/2, ...) would need t = N, where the original fails: they are refused.
     ``"quad"``: ``(linspace(0, sqrt(0.8 N), steps)**2).astype(int) + 1``.
     """
-    if steps < 1 or steps > num_timesteps:
-        raise SdgenError(f"DDIM steps must be in 1..{num_timesteps}, got {steps}")
+    check_step_count(steps, "DDIM", num_timesteps)
     if method == "uniform":
-        t = np.asarray(list(range(0, num_timesteps, num_timesteps // steps)))
-    elif method == "quad":
+        return _shifted_uniform_timesteps(steps, num_timesteps, "DDIM steps", "CompVis")
+    if method == "quad":
         t = ((np.linspace(0, np.sqrt(num_timesteps * 0.8), steps)) ** 2).astype(int)
-    else:
-        raise SdgenError(f"unknown DDIM discretization {method!r} (uniform, quad)")
-    t = (t + 1).astype(np.int64)
-    if t[-1] >= num_timesteps:
-        # the stride divides N - 1, so the +1 shift reaches t = N, past the table (the original: IndexError)
-        ok = [s for s in range(1, num_timesteps // 2 + 1) if (num_timesteps - 1) % (num_timesteps // s) != 0]
-        near = sorted(ok, key=lambda s: (abs(s - steps), s))[:2]
-        raise SdgenError(
-            f"{steps} DDIM steps would put the last CompVis timestep at t={num_timesteps} (the original fails "
-            f"here); use e.g. {' or '.join(map(str, sorted(near)))} steps"
-        )
-    return t
+        return (t + 1).astype(np.int64)
+    raise SdgenError(f"unknown DDIM discretization {method!r} (uniform, quad)")
 
 
 def ddim_alphas(alphas_cumprod, timesteps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +252,7 @@ def dpm_solver_sigmas(
     sigmas through the discrete VP schedule; the grid ends at t = 1/N, i.e. sigma(alphabar[0]). ``logSNR``:
     uniform in lambda = -log sigma between the same end points.
     """
+    check_step_count(steps, "dpm_solver")
     n = len(alphas_cumprod)
     if skip_type == "time_uniform":
         t = torch.linspace(1.0, 1.0 / n, steps + 1, dtype=dtype)
@@ -253,14 +270,21 @@ def dpm_solver_sigmas(
 
 
 def sgm_timesteps(n: int, num_timesteps: int = 1000, legacy_range: bool = False) -> np.ndarray:
-    """Ascending DDPM indices of SGM ``LegacyDDPMDiscretization.get_sigmas`` for ``n`` < N steps.
+    """Ascending DDPM indices of SGM ``LegacyDDPMDiscretization.get_sigmas`` for ``n`` in 1..N steps.
 
-    Current SGM (since e9869d7): ``linspace(N-1, 0, n, endpoint=False).astype(int)[::-1]`` (99, 199, ..., 999
-    for n=10). 0.9 release (081e0d4, ``legacy_range=True``): ``range(0, N, N // n) + 1`` (1, 101, ..., 901),
-    which like CompVis gives more than n entries when n does not divide N.
+    ``n == N`` is the whole table. Current SGM (since e9869d7): ``linspace(N-1, 0, n, endpoint=False)
+    .astype(int)[::-1]`` (99, 199, ..., 999 for n=10). 0.9 release (081e0d4, ``legacy_range=True``):
+    ``range(0, N, N // n) + 1`` (1, 101, ..., 901), which like CompVis gives more than n entries when n does not
+    divide N, and is refused where it would reach t = N (n = 3, 9, 37, N/2 < n < N, ...).
     """
+    grid = "sgm_legacy" if legacy_range else "sgm"
+    check_step_count(n, grid, num_timesteps)
+    if n == num_timesteps:
+        return np.arange(num_timesteps, dtype=np.int64)
     if legacy_range:
-        return (np.asarray(list(range(0, num_timesteps, num_timesteps // n))) + 1).astype(np.int64)
+        return _shifted_uniform_timesteps(
+            n, num_timesteps, "steps on the sgm_legacy grid", "SGM 0.9", (num_timesteps,)
+        )
     return np.linspace(num_timesteps - 1, 0, n, endpoint=False).astype(int)[::-1].astype(np.int64)
 
 
@@ -274,11 +298,7 @@ def sgm_sigmas(alphas_cumprod, timesteps) -> torch.Tensor:
 
 def sgm_grid(alphas_cumprod, steps: int, legacy_range: bool = False) -> torch.Tensor:
     """Descending SGM sampling grid (see :func:`sgm_timesteps`) plus the final 0, float32 (steps + 1,)."""
-    n_train = len(alphas_cumprod)
-    if steps > n_train:
-        raise SdgenError(f"at most {n_train} steps on this grid, got {steps}")
-    t = sgm_timesteps(steps, n_train, legacy_range) if steps < n_train else np.arange(n_train)
-    sigmas = torch.flip(sgm_sigmas(alphas_cumprod, t), (0,))
+    sigmas = torch.flip(sgm_sigmas(alphas_cumprod, sgm_timesteps(steps, len(alphas_cumprod), legacy_range)), (0,))
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
 
@@ -304,11 +324,7 @@ class LegacyDDPMDiscretization:
         self.alphas_cumprod = alphas_cumprod_from_betas(betas)
 
     def timesteps(self, n: int) -> np.ndarray:
-        """Ascending DDPM indices of an ``n``-step grid."""
-        if n > self.num_timesteps:
-            raise SdgenError(f"at most {self.num_timesteps} steps with this discretization, got {n}")
-        if n == self.num_timesteps:
-            return np.arange(self.num_timesteps, dtype=np.int64)
+        """Ascending DDPM indices of an ``n``-step grid (raises SdgenError for a count the grid refuses)."""
         return sgm_timesteps(n, self.num_timesteps, self.legacy_range)
 
     def get_sigmas(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -333,6 +349,7 @@ def karras_sigmas(
     n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Karras et al. 2022 eq. 5: ``(max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho``, then 0 appended."""
+    check_step_count(n, "karras")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
@@ -341,6 +358,7 @@ def karras_sigmas(
 
 def linspace_t_sigmas(alphas_cumprod, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """k-diffusion ``DiscreteSchedule.get_sigmas``: t = linspace(N-1, 0, n), log-sigma interpolated, then 0."""
+    check_step_count(n, "linspace_t")
     log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
     t = torch.linspace(len(log_sigmas) - 1, 0, n, dtype=torch.float64)
     low, high = t.floor().long(), t.ceil().long()

@@ -1,0 +1,72 @@
+"""The shared flag declarations (ldm.cli.options) as each generation command shows them: spellings and help
+text that state what the command really does."""
+
+from __future__ import annotations
+
+import click
+import pytest
+import typer
+
+from ldm.checkpoint import load_config
+from ldm.cli.app import register
+from ldm.pipelines import latent_size_multiple, vae_downsampling_factor
+
+COMMANDS = {
+    "txt2img": "ldm.cli.txt2img:txt2img",
+    "img2img": "ldm.cli.img2img:img2img",
+    "safe-txt2img": "ldm.cli.safe_txt2img:safe_txt2img",
+    "unclip-variate": "ldm.cli.unclip_variate:unclip_variate",
+    "sdxl-refine": "ldm.cli.sdxl_refine:sdxl_refine",
+}
+SD_CONFIGS = (
+    "configs/stable-diffusion/v1-inference.yaml",
+    "configs/stable-diffusion/v2-inference-v.yaml",
+    "configs/stable-diffusion/v2-1-stable-unclip-l-inference.yaml",
+    "configs/stable-diffusion/v2-1-stable-unclip-h-inference.yaml",
+)
+
+
+@pytest.fixture(scope="module")
+def params() -> dict[str, dict[str, click.Parameter]]:
+    """command -> flag name -> the click parameter typer builds from the command function."""
+    app = typer.Typer()
+    for name, spec in COMMANDS.items():
+        register(app, name, spec)
+    group = typer.main.get_command(app)
+    return {name: {p.name: p for p in group.commands[name].params} for name in COMMANDS}
+
+
+def test_size_help_states_the_multiple_the_models_need(params):
+    """--H / --W must be multiples of VAE factor x UNet downsampling (what check_geometry enforces): 64 for
+    every SD 1.x / 2.x config, 32 for the SDXL base, 64 for the SDXL refiner."""
+    for config in SD_CONFIGS:
+        cfg = load_config(config)
+        assert (vae_downsampling_factor(cfg), latent_size_multiple(cfg)) == (8, 64), config
+    assert latent_size_multiple(load_config("configs/sdxl/sd_xl_base.yaml")) == 32
+    assert latent_size_multiple(load_config("configs/sdxl/sd_xl_refiner.yaml")) == 64
+    for command in COMMANDS:
+        for side in ("height", "width"):
+            text = params[command][side].help
+            assert "of --f" not in text and "multiple of 8" not in text, (command, text)
+            assert "a multiple of 64" in text and "VAE factor 8 x UNet downsampling 8" in text, (command, text)
+    for command in ("txt2img", "img2img"):
+        assert "32 for the SDXL base" in params[command]["height"].help
+    assert "refiner" in params["sdxl-refine"]["height"].help
+
+
+def test_sampler_help_fits_each_command(params):
+    for command in ("txt2img", "img2img"):  # an SDXL config takes the SGM demo's Euler
+        assert "default ddim, euler for SDXL" in params[command]["sampler"].help
+    for command in ("safe-txt2img", "unclip-variate"):  # SD 1.x / 2.x only
+        text = params[command]["sampler"].help
+        assert "SDXL" not in text and "euler for" not in text and "default ddim" in text, (command, text)
+        assert "--plms" in text
+    text = params["sdxl-refine"]["sampler"].help
+    assert "default euler" in text and "--plms" not in text  # sdxl-refine has no --plms / --dpm_solver
+    for command in COMMANDS:
+        assert "dpmpp_2m" in params[command]["sampler"].help
+
+
+def test_step_flag_spellings_are_the_same_in_every_command(params):
+    for command in COMMANDS:
+        assert set(params[command]["steps"].opts) == {"--steps", "--ddim_steps", "--ddim-steps"}, command
