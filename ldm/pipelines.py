@@ -43,6 +43,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Where the CompVis scripts expect their inputs (CV scripts/txt2img.py defaults)
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+# The bundled demo model, used when no checkpoint is given and none is at DEFAULT_CKPT (models/demo/README.md)
+DEMO_CONFIG = "configs/demo/shapes-ldm.yaml"
+DEMO_CKPT = "models/demo/shapes-ldm.safetensors"
 
 PRECISIONS = ("autocast", "full", "bf16", "fp16")
 
@@ -71,7 +74,10 @@ def resolve_checkpoint(ckpt: Optional[str], config: Optional[str]) -> ModelFiles
     """Decide which checkpoint and config a run uses (the one place that decision lives).
 
     ``None`` means "not given": the original scripts' paths (:data:`DEFAULT_CKPT`, :data:`DEFAULT_CONFIG`).
-    Relative paths are tried in the working directory, then in the sdgen source tree.
+    Relative paths are tried in the working directory, then in the sdgen source tree. When neither ``--ckpt``
+    nor a checkpoint at :data:`DEFAULT_CKPT` exists and the config is the default one (or not given), the run
+    uses the bundled demo model (:data:`DEMO_CKPT` with :data:`DEMO_CONFIG`, 64x64 images of simple shapes) and
+    says so in one warning line.
 
     Raises:
         SdgenError: the config or the checkpoint does not exist (the message says where the originals
@@ -83,12 +89,28 @@ def resolve_checkpoint(ckpt: Optional[str], config: Optional[str]) -> ModelFiles
     ckpt_path = _find(ckpt or DEFAULT_CKPT)
     if not ckpt_path.is_file():
         if ckpt is None:
+            demo = demo_model_files()
+            if demo is not None and config_path == _find(DEFAULT_CONFIG):
+                logger.warning(
+                    "no Stable Diffusion checkpoint found (none at %s): using the bundled demo model %s "
+                    "(64x64 images of simple colored shapes); pass --ckpt PATH (.ckpt or .safetensors) for a real one",
+                    DEFAULT_CKPT, DEMO_CKPT,
+                )
+                return demo
             raise SdgenError(
                 f"checkpoint not found: {DEFAULT_CKPT} is where the original scripts expect the SD 1.x "
                 "weights (e.g. sd-v1-4.ckpt, linked or copied there); or pass --ckpt PATH (.ckpt or .safetensors)"
             )
         raise SdgenError(f"checkpoint not found: {ckpt} (pass --ckpt PATH to a .ckpt or .safetensors file)")
     return ModelFiles(config=config_path, checkpoint=ckpt_path)
+
+
+def demo_model_files() -> Optional[ModelFiles]:
+    """The bundled demo model (:data:`DEMO_CONFIG`, :data:`DEMO_CKPT`), or None where it is not installed."""
+    config_path, ckpt_path = REPO_ROOT / DEMO_CONFIG, REPO_ROOT / DEMO_CKPT
+    if config_path.is_file() and ckpt_path.is_file():
+        return ModelFiles(config=config_path.resolve(), checkpoint=ckpt_path.resolve())
+    return None
 
 
 def vae_downsampling_factor(config: Any) -> int:

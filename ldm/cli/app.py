@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("replay", "ldm.cli.replay:replay"),
     ("unclip-variate", "ldm.cli.unclip_variate:unclip_variate"),
     ("sdxl-refine", "ldm.cli.sdxl_refine:sdxl_refine"),
+    ("train", "ldm.cli.train:train"),
 )
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C

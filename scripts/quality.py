@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Measure the demo model: color and shape accuracy of generated images, and the img2img recoloring check.
+
+    python scripts/quality.py                        # the bundled demo model
+    python scripts/quality.py --ckpt logs/shapes-ldm/weights/last.safetensors --steps 20
+
+Prints a table (per prompt: color / shape matches out of the seeds) and the totals against the targets
+(color >= 90 %, shape >= 75 %), then the img2img check: "a blue circle" from a red circle at strength 0.8.
+Exit status 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from ldm import quality  # noqa: E402
+from ldm.checkpoint import load_config, load_model  # noqa: E402
+from ldm.pipelines import DEMO_CKPT, DEMO_CONFIG, REPO_ROOT, vae_downsampling_factor  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / DEMO_CONFIG))
+    parser.add_argument("--ckpt", default=str(REPO_ROOT / DEMO_CKPT))
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--scale", type=float, default=5.0)
+    parser.add_argument("--seeds", type=int, default=len(quality.QUALITY_SEEDS), help="seeds 0..N-1 per prompt")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-img2img", action="store_true", help="skip the img2img check")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    config = load_config(args.config)
+    model = load_model(config, args.ckpt).eval()
+    factor = vae_downsampling_factor(config)
+    seeds = list(range(args.seeds))
+    with torch.no_grad():
+        report = quality.evaluate(quality.pipeline_generator(model, steps=args.steps, scale=args.scale,
+                                                             factor=factor), seeds=seeds)
+        print(quality.format_table(report))
+        ok = report.color_accuracy >= quality.COLOR_TARGET and report.shape_accuracy >= quality.SHAPE_TARGET
+        if not args.no_img2img:
+            rate = quality.img2img_recolor_rate(model, steps=args.steps, scale=args.scale, factor=factor,
+                                                seeds=range(max(args.seeds, 10)))
+            print(f"img2img red circle -> 'a blue circle' (strength 0.8): {rate:.0%} blue "
+                  f"(target {quality.RECOLOR_TARGET:.0%})")
+            ok = ok and rate >= quality.RECOLOR_TARGET
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
