@@ -30,14 +30,6 @@ SD2V_TINY = REPO / "configs" / "tests" / "sd2v-tiny.yaml"
 D = 16  # tiny embedding width; ADM = 2 * D
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """Tiny unCLIP-L/-H and SD2-v checkpoints with seeded random weights (safetensors)."""

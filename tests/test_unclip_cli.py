@@ -28,14 +28,6 @@ SD2V_TINY = str(REPO / "configs" / "tests" / "sd2v-tiny.yaml")
 SPEC = "ldm.cli.unclip_variate:unclip_variate"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, hash_cache_dir) -> dict[str, Path]:
     """Tiny checkpoints, init images (a file and a folder of two) and a statistics file."""

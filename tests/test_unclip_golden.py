@@ -25,15 +25,6 @@ RTOL, ATOL = 1e-5, 1e-5
 SCALE = 5.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny networks run fastest single-threaded (thread hand-off dominates on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(case: str) -> LatentDiffusion:
     """The case's reference yaml with the tiny encoder sizes filled in, built and loaded strictly."""
     cfg = case_config(case)

@@ -49,7 +49,8 @@ def _as_list(value: Any) -> list[torch.Tensor]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _module_dtype(module: nn.Module | None, default: torch.dtype = torch.float32) -> torch.dtype:
+def module_dtype(module: nn.Module | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """Dtype of a module's first floating parameter (``default`` for None or a module without one)."""
     if module is None:
         return default
     for p in module.parameters():
@@ -274,7 +275,7 @@ class LatentDiffusion(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the UNet weights."""
-        return _module_dtype(self.model)
+        return module_dtype(self.model)
 
     def get_learned_conditioning(self, c: Any) -> torch.Tensor:
         """Encode conditioning input (for SD 1/2: a list of B prompts) -> (B, 77, D) context."""
@@ -288,7 +289,7 @@ class LatentDiffusion(nn.Module):
 
     def encode_first_stage(self, x: torch.Tensor):
         """Image (B,3,H,W) in [-1, 1] -> the VAE posterior (a DiagonalGaussianDistribution over (B,4,H/8,W/8))."""
-        return self.first_stage_model.encode(x.to(_module_dtype(self.first_stage_model)))
+        return self.first_stage_model.encode(x.to(module_dtype(self.first_stage_model)))
 
     def get_first_stage_encoding(
         self, encoder_posterior: Any, generator: torch.Generator | None = None
@@ -305,7 +306,7 @@ class LatentDiffusion(nn.Module):
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent (B,4,h,w) -> image (B,3,8h,8w), roughly in [-1, 1]; divides by ``scale_factor`` first."""
         z = 1.0 / self.scale_factor * z  # same operation order as CV ddpm.py
-        out = self.first_stage_model.decode(z.to(_module_dtype(self.first_stage_model)))
+        out = self.first_stage_model.decode(z.to(module_dtype(self.first_stage_model)))
         return out.to(z.dtype)
 
     # ---- network ---------------------------------------------------------------------------------------------

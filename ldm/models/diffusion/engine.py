@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ldm.errors import SdgenError
+from ldm.models.diffusion.ddpm import module_dtype
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -145,13 +146,6 @@ class OpenAIWrapper(nn.Module):
         return self.diffusion_model(x, t, context=cond.get("crossattn"), y=cond.get("vector"))
 
 
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """Raise a one-line :class:`SdgenError` when ``tensor`` holds NaN or inf (instead of saving a black image)."""
     bad = ~torch.isfinite(tensor)
@@ -228,7 +222,7 @@ class DiffusionEngine(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the UNet weights."""
-        return _module_dtype(self.model)
+        return module_dtype(self.model)
 
     @property
     def parameterization(self) -> str:
@@ -350,10 +344,10 @@ class DiffusionEngine(nn.Module):
 
     def _first_stage_dtype(self) -> torch.dtype:
         """float32 for SDXL (``disable_first_stage_autocast``): a float16 VAE is upcast once, here."""
-        if self.disable_first_stage_autocast and _module_dtype(self.first_stage_model) != torch.float32:
+        if self.disable_first_stage_autocast and module_dtype(self.first_stage_model) != torch.float32:
             logger.info("running the VAE in float32 (the SDXL VAE overflows in float16)")
             self.first_stage_model.float()
-        return _module_dtype(self.first_stage_model)
+        return module_dtype(self.first_stage_model)
 
     def _first_stage_autocast(self, device: torch.device):
         """Autocast switched off around the VAE when ``disable_first_stage_autocast`` (SGM ``DiffusionEngine``)."""
