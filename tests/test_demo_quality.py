@@ -68,11 +68,14 @@ def test_fallback_uses_the_demo_model_and_says_so(tmp_path, monkeypatch):
     # an explicit --ckpt that does not exist is still an error, never the demo
     with pytest.raises(pipelines.SdgenError, match="checkpoint not found"):
         pipelines.resolve_checkpoint("missing.ckpt", None)
+    # no --n_iter: the demo config's own default (one iteration) gives n_samples images
     result = sdgen(tmp_path, "txt2img", "--prompt", "a red circle on a white background", "--n_samples", "2",
-                   "--n_iter", "1", "--steps", str(STEPS), "--outdir", str(tmp_path / "out"))
+                   "--steps", str(STEPS), "--outdir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     notes = demo_notes(result.stderr)
     assert len(notes) == 1 and "no Stable Diffusion checkpoint" in notes[0] and "--ckpt" in notes[0], result.stderr
+    # and nothing else to warn about: the demo config needs no safety checker and is too small to watermark
+    assert [line for line in result.stderr.splitlines() if "WARNING" in line] == notes, result.stderr
     images = sorted((tmp_path / "out/samples").glob("*.png"))
     assert len(images) == 2
     for path in images:

@@ -143,3 +143,28 @@ def test_config_geometry_reads_the_sdxl_network_config():
     assert pipelines.latent_size_multiple(config) == 32
     assert is_sdxl_config(config) and not is_sdxl_config(load_config("configs/tests/sd1-tiny.yaml"))
     assert sdxl_sampling_defaults(config)["sampler"] == "euler"
+
+
+def test_unset_flags_take_the_family_or_config_defaults():
+    """txt2img / img2img / safe-txt2img leave sampling flags and --n_iter unset; they come from the original
+    scripts (SD), the SGM demo (SDXL) or the config's ``sampling_defaults`` (the bundled demo model)."""
+    from ldm.checkpoint import load_config
+    from ldm.cli.options import GenerateOptions
+    from ldm.cli.run import resolve_sampling_defaults
+
+    sd1 = load_config("configs/tests/sd1-tiny.yaml")
+    demo = load_config(pipelines.DEMO_CONFIG)
+    sdxl = load_config("configs/sdxl/sd_xl_base.yaml")
+
+    def resolved(command, config, is_sdxl=False, **given):
+        opts = resolve_sampling_defaults(GenerateOptions(command=command, **given), config, is_sdxl)
+        return opts.sampler, opts.steps, opts.scale, opts.height, opts.width, opts.n_iter
+
+    assert resolved("txt2img", sd1) == ("ddim", 50, 7.5, 512, 512, 2)
+    assert resolved("safe-txt2img", sd1) == ("ddim", 50, 7.5, 512, 512, 2)
+    assert resolved("img2img", sd1) == ("ddim", 50, 5.0, None, None, 1)
+    assert resolved("txt2img", demo) == ("ddim", 25, 5.0, 64, 64, 1)
+    assert resolved("safe-txt2img", demo) == ("ddim", 25, 5.0, 64, 64, 1)
+    assert resolved("txt2img", sdxl, True) == ("euler", 50, 5.0, 1024, 1024, 2)
+    # a flag given on the command line wins over every default
+    assert resolved("txt2img", demo, n_iter=3, steps=10, height=128) == ("ddim", 10, 5.0, 128, 64, 3)

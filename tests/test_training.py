@@ -224,6 +224,10 @@ def test_bad_configs_are_one_line_errors(tmp_path):
     cfg["training"]["noise_offset"] = -1
     assert_error(train("--base", write(tmp_path / "i.yaml", cfg), "--logdir", tmp_path), "noise_offset")
     cfg = ae_config()
+    cfg["training"]["cache_latents"] = "yes"
+    assert_error(train("--base", write(tmp_path / "k.yaml", cfg), "--logdir", tmp_path),
+                 "training.cache_latents must be true or false")
+    cfg = ae_config()
     cfg["training"]["init_weights"] = str(tmp_path / "none.safetensors")
     assert_error(train("--base", write(tmp_path / "j.yaml", cfg), "--logdir", tmp_path), "init_weights not found")
     cfg = ldm_config(tmp_path / "no-autoencoder.safetensors")
@@ -257,3 +261,43 @@ def test_ema_update_rule():
     assert torch.allclose(ema.weights()["w"], torch.full((3,), 1 - 2 / 11))
     state = ema.state_dict("model_ema.")
     assert set(state) == {"model_ema.w", "model_ema.decay", "model_ema.num_updates"}
+
+
+def test_cached_latents_equal_the_encoders_and_skip_it(trained):
+    """``cache_latents``: the first sight of an item runs the encoder, later ones draw from its stored posterior;
+    with the same random state the latents equal those of the uncached path (encode().sample())."""
+    from torch.utils.data import default_collate
+
+    from ldm.data.shapes import ShapesDataset
+    from ldm.models.diffusion.training import LatentDiffusionTrainer
+    from ldm.util import instantiate_from_config
+
+    weights = trained / "logs/ae/weights/last.safetensors"
+    model = instantiate_from_config(ldm_config(weights)["model"])
+    cached = LatentDiffusionTrainer(model, 1e-3, first_stage_weights=str(weights), cache_latents=True)
+    plain = LatentDiffusionTrainer(model, 1e-3, cache_latents=False)
+    encoded_rows = []
+    hook = model.first_stage_model.encoder.register_forward_hook(lambda m, i, o: encoded_rows.append(i[0].shape[0]))
+    data = ShapesDataset(length=8, resolution=32, seed=3)
+    batch = default_collate([data[i] for i in (5, 2, 7)])
+    try:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            first = cached.first_stage_latents(batch)
+            torch.manual_seed(0)
+            again = cached.first_stage_latents(batch)
+            assert encoded_rows == [3]  # the second call ran no encoder
+            torch.manual_seed(0)
+            reference = plain.first_stage_latents(batch)
+            assert encoded_rows == [3, 3]
+            torch.manual_seed(1)
+            fresh_noise = cached.first_stage_latents(batch)
+            # a batch with one new item encodes that item only
+            cached.first_stage_latents(default_collate([data[i] for i in (2, 0)]))
+            assert encoded_rows == [3, 3, 1]
+    finally:
+        hook.remove()
+    assert first.shape == (3, 4, 16, 16)
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+    assert not torch.equal(fresh_noise, first)  # a new latent is sampled every time, as without the cache

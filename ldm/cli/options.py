@@ -24,8 +24,8 @@ SAMPLER_NAMES = ("ddim", "plms", "dpmpp_2m", "euler", "euler_ancestral", "heun")
 #: not SDXL (img2img takes its size from the init image); SDXL configs bring the SGM demo's
 #: (:func:`ldm.sdxl_pipeline.sdxl_sampling_defaults`: Euler, 50 steps, scale 5.0, 1024 x 1024).
 COMPVIS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "txt2img": {"sampler": "ddim", "steps": 50, "scale": 7.5, "height": 512, "width": 512},
-    "img2img": {"sampler": "ddim", "steps": 50, "scale": 5.0},
+    "txt2img": {"sampler": "ddim", "steps": 50, "scale": 7.5, "height": 512, "width": 512, "n_iter": 2},
+    "img2img": {"sampler": "ddim", "steps": 50, "scale": 5.0, "n_iter": 1},
 }
 
 #: The SDXL micro-conditioning / grid fields of :class:`GenerateOptions` and their flags.
@@ -98,7 +98,7 @@ class RunOptions:
 class GenerateOptions(RunOptions):
     """Everything a txt2img / img2img / safe-txt2img run is made from, stored in the run manifest.
 
-    ``steps``/``sampler``/``scale``/``height``/``width`` None mean the model family's default (filled in by
+    ``steps``/``sampler``/``scale``/``height``/``width``/``n_iter`` None mean the model family's default (filled in by
     :func:`ldm.cli.run.plan_run`; a recorded run holds the values used); ``height``/``width`` stay None for
     img2img (the init image's size). ``factor`` None means the config's VAE downsampling factor; ``config``
     None the original scripts' default path. ``sld`` holds the Safe Latent Diffusion settings
@@ -111,7 +111,7 @@ class GenerateOptions(RunOptions):
     sampler: Optional[str] = None
     eta: float = 0.0
     n_samples: int = 3
-    n_iter: int = 2
+    n_iter: Optional[int] = None
     scale: Optional[float] = None
     latent_channels: int = 4
     factor: Optional[int] = None
@@ -251,7 +251,10 @@ Sampler = Annotated[
 SDSampler = Annotated[Optional[str], typer.Option("--sampler", help=sampler_help("ddim"), show_default=False)]
 Eta = Annotated[
     float, typer.Option("--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0.0 = deterministic sampling)")]
-NIter = Annotated[int, typer.Option("--n_iter", "--n-iter", help="sample this often")]
+NIter = Annotated[Optional[int], typer.Option("--n_iter", "--n-iter", help="sample this often")]
+# txt2img / img2img / safe-txt2img: unset takes the original script's default, or the config's own
+ModelNIter = Annotated[Optional[int], typer.Option("--n_iter", "--n-iter", help="sample this often",
+                                                   show_default="2 (img2img 1); 1 for the demo model")]
 NSamples = Annotated[
     int, typer.Option("--n_samples", "--n-samples", help="how many samples per prompt, a.k.a. batch size")]
 NRows = Annotated[int, typer.Option("--n_rows", "--n-rows", help="images per grid row (0: n_samples)")]
@@ -260,14 +263,20 @@ Height = Annotated[Optional[int], size_option("height", "image {side} in pixels"
 Width = Annotated[Optional[int], size_option("width", "image {side} in pixels")]
 # the same flags where an unset one takes the model family's default (txt2img, img2img)
 ModelSteps = Annotated[
-    Optional[int], typer.Option(*STEPS_FLAGS, show_default="50", help="number of sampling steps")]
+    Optional[int], typer.Option(*STEPS_FLAGS, show_default="50; 25 for the demo model",
+                                help="number of sampling steps")]
 ModelScale = Annotated[
-    Optional[float], typer.Option("--scale", show_default="7.5 (img2img 5.0); 5.0 for SDXL",
+    Optional[float], typer.Option("--scale", show_default="7.5 (img2img 5.0); 5.0 for SDXL and the demo model",
                                   help="classifier-free guidance scale (1.0: no guidance)")]
 ModelHeight = Annotated[Optional[int], size_option("height", "image {side} in pixels", ANY_SIZE_RULE,
-                                                   "512; 1024 for SDXL")]
+                                                   "512; 1024 for SDXL; 64 for the demo model")]
 ModelWidth = Annotated[Optional[int], size_option("width", "image {side} in pixels", ANY_SIZE_RULE,
-                                                  "512; 1024 for SDXL")]
+                                                  "512; 1024 for SDXL; 64 for the demo model")]
+# safe-txt2img: SD 1.x / 2.x only
+SDModelHeight = Annotated[Optional[int], size_option("height", "image {side} in pixels", SD_SIZE_RULE,
+                                                     "512; 64 for the demo model")]
+SDModelWidth = Annotated[Optional[int], size_option("width", "image {side} in pixels", SD_SIZE_RULE,
+                                                    "512; 64 for the demo model")]
 LatentChannels = Annotated[int, typer.Option("--C", "--latent-channels", help="latent channels")]
 Factor = Annotated[
     Optional[int], typer.Option("--f", "--downsampling-factor", show_default="the config's VAE factor",

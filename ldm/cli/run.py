@@ -93,7 +93,7 @@ def check_options(opts: GenerateOptions) -> None:
     if opts.steps is not None and opts.steps < 1:
         raise SdgenError(f"--steps must be at least 1, got {opts.steps}")
     for flag, value in (("--n_samples", opts.n_samples), ("--n_iter", opts.n_iter), ("--C", opts.latent_channels)):
-        if value < 1:
+        if value is not None and value < 1:
             raise SdgenError(f"{flag} must be at least 1, got {value}")
     if opts.n_rows < 0:
         raise SdgenError(f"--n_rows must be 0 (= n_samples) or more, got {opts.n_rows}")
@@ -389,19 +389,22 @@ class RunPlan:
 
 
 def resolve_sampling_defaults(opts: GenerateOptions, config: Any, sdxl: bool) -> GenerateOptions:
-    """``opts`` with its unset sampling fields (steps, sampler, scale, size, SDXL grid) set to the model family's
-    defaults: the SGM demo's for SDXL (:func:`ldm.sdxl_pipeline.sdxl_sampling_defaults`), else the original
-    script's (:data:`ldm.cli.options.COMPVIS_DEFAULTS`). img2img keeps an unset size (the init image's)."""
+    """``opts`` with its unset sampling fields (steps, sampler, scale, size, n_iter, SDXL grid) set to the model
+    family's defaults: the SGM demo's for SDXL (:func:`ldm.sdxl_pipeline.sdxl_sampling_defaults`; n_iter as the
+    original script), else the original script's (:data:`ldm.cli.options.COMPVIS_DEFAULTS`) updated with the
+    config's ``sampling_defaults``. img2img keeps an unset size (the init image's)."""
     if sdxl:
         from ldm.sdxl_pipeline import sdxl_sampling_defaults
 
         defaults = sdxl_sampling_defaults(config)
         defaults = {k: defaults[k] for k in ("sampler", "steps", "scale", "height", "width", "grid")}
+        defaults["n_iter"] = COMPVIS_DEFAULTS.get(opts.command, COMPVIS_DEFAULTS["txt2img"])["n_iter"]
     else:
         defaults = dict(COMPVIS_DEFAULTS.get(opts.command, COMPVIS_DEFAULTS["txt2img"]))
         own = config.get("sampling_defaults", None) if hasattr(config, "get") else None
-        if own:  # a config's own defaults (the bundled demo model: 64x64, fewer steps)
-            defaults.update({k: v for k, v in dict(own).items() if k in ("sampler", "steps", "scale", "height", "width")})
+        if own:  # a config's own defaults (the bundled demo model: 64x64, fewer steps, one iteration)
+            keys = ("sampler", "steps", "scale", "height", "width", "n_iter")
+            defaults.update({k: v for k, v in dict(own).items() if k in keys})
     if opts.command == "img2img":
         defaults.pop("height", None)
         defaults.pop("width", None)

@@ -3,7 +3,8 @@
 The config has the original sections: ``model`` (``target``, ``params``, ``base_learning_rate``), ``data``
 (a data module with ``train_dataloader()``), ``lightning.trainer`` (keyword arguments of
 ``pytorch_lightning.Trainer``), plus ``training`` for the sdgen wrapper (``checkpoint_every_n_steps``,
-``ema_decay``, ``first_stage_weights``, ``crop_size``, ``seed``, ``num_threads``, ``noise_offset``; for the autoencoder
+``ema_decay``, ``first_stage_weights``, ``crop_size``, ``seed``, ``num_threads``, ``noise_offset``,
+``cache_latents`` (keep the frozen encoder's posteriors of the data set in memory); for the autoencoder
 ``init_weights`` and ``freeze_encoder``, which fine-tune the decoder of trained weights, as the SD ft-MSE VAE). Outputs go to
 ``LOGDIR/NAME/``: ``checkpoints/*.ckpt`` (Lightning checkpoints for ``--resume``, released key layout),
 ``weights/step-*.safetensors`` and ``weights/last.safetensors`` (EMA weights) and ``metrics.csv`` (losses).
@@ -25,7 +26,7 @@ from ldm.errors import SdgenError
 logger = logging.getLogger(__name__)
 
 TRAINING_KEYS = {"checkpoint_every_n_steps", "ema_decay", "first_stage_weights", "crop_size", "seed", "num_threads",
-                 "init_weights", "freeze_encoder", "noise_offset"}
+                 "init_weights", "freeze_encoder", "noise_offset", "cache_latents"}
 
 
 # Integer / number / integer-list fields of the model configs sdgen trains, checked before anything is built.
@@ -113,8 +114,9 @@ def load_training_config(paths: list[str]) -> Any:
         offset = _typed("training", "noise_offset", training["noise_offset"], (int, float))
         if offset < 0:
             raise SdgenError(f"config: training.noise_offset must be >= 0, got {offset!r}")
-    if training.get("freeze_encoder") is not None and not isinstance(training["freeze_encoder"], bool):
-        raise SdgenError(f"config: training.freeze_encoder must be true or false, got {training['freeze_encoder']!r}")
+    for key in ("freeze_encoder", "cache_latents"):
+        if training.get(key) is not None and not isinstance(training[key], bool):
+            raise SdgenError(f"config: training.{key} must be true or false, got {training[key]!r}")
     for section in ("model", "data"):
         check_field_types(OmegaConf.to_container(cfg[section], resolve=True), section)
     trainer = (cfg.get("lightning") or {}).get("trainer") or {}
@@ -175,7 +177,8 @@ def build_module(cfg: Any) -> Any:
                                       ema_decay=training.get("ema_decay"),
                                       noise_offset=float(training.get("noise_offset", 0.0)),
                                       init_weights=_resolve_repo_path(training["init_weights"])
-                                      if training.get("init_weights") else None)
+                                      if training.get("init_weights") else None,
+                                      cache_latents=bool(training.get("cache_latents", False)))
     raise SdgenError(f"config: sdgen trains AutoencoderKL and LatentDiffusion models, not {model_cfg['target']}")
 
 

@@ -31,7 +31,7 @@ def txt2img(
     dpm_solver: o.DpmSolver = False,
     sampler: o.Sampler = None,
     eta: o.Eta = 0.0,
-    n_iter: o.NIter = 2,
+    n_iter: o.ModelNIter = None,
     height: o.ModelHeight = None,
     width: o.ModelWidth = None,
     latent_channels: o.LatentChannels = 4,

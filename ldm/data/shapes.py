@@ -106,7 +106,7 @@ class ShapesDataset:
         p_empty_caption: probability of an empty caption (trains the unconditional branch used by
             classifier-free guidance).
 
-    Items: ``{"image": (H, W, 3) float32 in [-1, 1], "caption": str, "shape", "color", "size",
+    Items: ``{"image": (H, W, 3) float32 in [-1, 1], "caption": str, "index": int, "shape", "color", "size",
     "background": str}``.
     """
 
@@ -155,7 +155,7 @@ class ShapesDataset:
             caption = caption_for(spec, with_size=u[1] >= self.p_drop_size,
                                   with_background=u[2] >= self.p_drop_background)
         pixels = render(spec, self.resolution).astype(np.float32) / 127.5 - 1.0
-        return {"image": pixels, "caption": caption, "shape": spec.shape, "color": spec.color,
+        return {"image": pixels, "caption": caption, "index": index, "shape": spec.shape, "color": spec.color,
                 "size": spec.size, "background": spec.background}
 
 

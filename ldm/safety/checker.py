@@ -299,7 +299,8 @@ def resolve_safety_checker(
     entry (a path, or a mapping with ``path`` and optional ``vision_config``), else none.
 
     ``disabled`` (``--no-safety-checker``) turns it off. Without weights it says once per process that no
-    checker is active.
+    checker is active, unless the config says ``safety_checker: false`` (a model that cannot draw what the
+    checker looks for, as the bundled demo model of colored shapes).
     """
     global _NO_CHECKER_LOGGED
     if disabled:
@@ -308,6 +309,9 @@ def resolve_safety_checker(
     vision_config = None
     if path is None and model_config is not None:
         entry = model_config.get("safety_checker", None) if hasattr(model_config, "get") else None
+        if entry is False:
+            logger.info("no safety checker: the model config says it needs none")
+            return None
         if isinstance(entry, (str, Path)):
             path = entry
         elif entry is not None and hasattr(entry, "get"):

@@ -150,6 +150,9 @@ def family_of_config(config: Any) -> str:
     return "sd2" if "OpenCLIP" in cond_target else "sd1"
 
 
-def message_for_config(config: Any) -> Message:
-    """The original scripts' watermark message for a model config (see :func:`family_of_config`)."""
+def message_for_config(config: Any) -> Message | None:
+    """The original scripts' watermark message for a model config (see :func:`family_of_config`); None when the
+    config says ``watermark: false`` (the bundled demo model: 64x64 images are too small to carry the mark)."""
+    if hasattr(config, "get") and config.get("watermark", True) is False:
+        return None
     return message_for_family(family_of_config(config))
