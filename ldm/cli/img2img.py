@@ -25,7 +25,7 @@ def img2img(
     dpm_solver: o.DpmSolver = False,
     sampler: o.Sampler = None,
     eta: o.Eta = 0.0,
-    n_iter: o.ModelNIter = None,
+    n_iter: o.Img2ImgNIter = None,
     height: o.OptHeight = None,
     width: o.OptWidth = None,
     latent_channels: o.LatentChannels = 4,

@@ -254,7 +254,9 @@ Eta = Annotated[
 NIter = Annotated[Optional[int], typer.Option("--n_iter", "--n-iter", help="sample this often")]
 # txt2img / img2img / safe-txt2img: unset takes the original script's default, or the config's own
 ModelNIter = Annotated[Optional[int], typer.Option("--n_iter", "--n-iter", help="sample this often",
-                                                   show_default="2 (img2img 1); 1 for the demo model")]
+                                                   show_default="2; 1 for the demo model")]
+Img2ImgNIter = Annotated[Optional[int], typer.Option("--n_iter", "--n-iter", help="sample this often",
+                                                     show_default="1")]
 NSamples = Annotated[
     int, typer.Option("--n_samples", "--n-samples", help="how many samples per prompt, a.k.a. batch size")]
 NRows = Annotated[int, typer.Option("--n_rows", "--n-rows", help="images per grid row (0: n_samples)")]
@@ -273,6 +275,9 @@ ModelHeight = Annotated[Optional[int], size_option("height", "image {side} in pi
 ModelWidth = Annotated[Optional[int], size_option("width", "image {side} in pixels", ANY_SIZE_RULE,
                                                   "512; 1024 for SDXL; 64 for the demo model")]
 # safe-txt2img: SD 1.x / 2.x only
+SDModelScale = Annotated[
+    Optional[float], typer.Option("--scale", show_default="7.5; 5.0 for the demo model",
+                                  help="classifier-free guidance scale (1.0: no guidance)")]
 SDModelHeight = Annotated[Optional[int], size_option("height", "image {side} in pixels", SD_SIZE_RULE,
                                                      "512; 64 for the demo model")]
 SDModelWidth = Annotated[Optional[int], size_option("width", "image {side} in pixels", SD_SIZE_RULE,

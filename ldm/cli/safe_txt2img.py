@@ -85,7 +85,7 @@ def safe_txt2img(
     factor: o.Factor = None,
     n_samples: o.NSamples = 3,
     n_rows: o.NRows = 0,
-    scale: o.ModelScale = None,
+    scale: o.SDModelScale = None,
     seed: o.Seed = 42,
     fixed_code: o.FixedCode = False,
     config: o.Config = None,
