@@ -228,6 +228,9 @@ def test_bad_configs_are_one_line_errors(tmp_path):
     assert_error(train("--base", write(tmp_path / "k.yaml", cfg), "--logdir", tmp_path),
                  "training.cache_latents must be true or false")
     cfg = ae_config()
+    cfg["training"]["snr_gamma"] = -1
+    assert_error(train("--base", write(tmp_path / "l.yaml", cfg), "--logdir", tmp_path), "training.snr_gamma")
+    cfg = ae_config()
     cfg["training"]["init_weights"] = str(tmp_path / "none.safetensors")
     assert_error(train("--base", write(tmp_path / "j.yaml", cfg), "--logdir", tmp_path), "init_weights not found")
     cfg = ldm_config(tmp_path / "no-autoencoder.safetensors")
@@ -301,3 +304,28 @@ def test_cached_latents_equal_the_encoders_and_skip_it(trained):
     torch.testing.assert_close(first, reference, rtol=0, atol=0)
     torch.testing.assert_close(again, reference, rtol=0, atol=0)
     assert not torch.equal(fresh_noise, first)  # a new latent is sampled every time, as without the cache
+
+
+def test_min_snr_weights_give_min_snr_times_the_x0_error():
+    """Min-SNR-gamma (Hang et al. 2023): whatever the network predicts (eps, v or x0), the weighted loss equals
+    min(SNR, gamma) times the squared error of the x0 estimate that prediction implies."""
+    from ldm.models.diffusion.training import min_snr_weight
+
+    torch.manual_seed(0)
+    gamma = 5.0
+    alpha_bar = torch.tensor([0.999, 0.9, 0.5, 0.1, 0.004], dtype=torch.float64)
+    a, s = alpha_bar.sqrt().view(-1, 1), (1 - alpha_bar).sqrt().view(-1, 1)
+    snr = alpha_bar / (1 - alpha_bar)
+    x0, eps = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    x_t = a * x0 + s * eps
+    eps_hat, v_hat = eps + 0.1 * torch.randn_like(eps), (a * eps - s * x0) + 0.1 * torch.randn_like(eps)
+    x0_from = {"eps": (x_t - s * eps_hat) / a, "v": a * x_t - s * v_hat}
+    losses = {"eps": (eps_hat - eps).pow(2).mean(1), "v": (v_hat - (a * eps - s * x0)).pow(2).mean(1)}
+    for kind in ("eps", "v"):
+        expected = torch.clamp(snr, max=gamma) * (x0_from[kind] - x0).pow(2).mean(1)
+        torch.testing.assert_close(losses[kind] * min_snr_weight(snr, gamma, kind), expected)
+    x0_hat = x0 + 0.1 * torch.randn_like(x0)
+    x0_loss = (x0_hat - x0).pow(2).mean(1)
+    torch.testing.assert_close(x0_loss * min_snr_weight(snr, gamma, "x0"), torch.clamp(snr, max=gamma) * x0_loss)
+    assert min_snr_weight(snr, gamma, "v")[0] < 0.01 and min_snr_weight(snr, gamma, "v")[-1] == pytest.approx(
+        snr[-1] / (snr[-1] + 1))  # low noise weighted down, high noise as the plain v loss

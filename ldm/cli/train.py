@@ -4,7 +4,8 @@ The config has the original sections: ``model`` (``target``, ``params``, ``base_
 (a data module with ``train_dataloader()``), ``lightning.trainer`` (keyword arguments of
 ``pytorch_lightning.Trainer``), plus ``training`` for the sdgen wrapper (``checkpoint_every_n_steps``,
 ``ema_decay``, ``first_stage_weights``, ``crop_size``, ``seed``, ``num_threads``, ``noise_offset``,
-``cache_latents`` (keep the frozen encoder's posteriors of the data set in memory); for the autoencoder
+``cache_latents`` (keep the frozen encoder's posteriors of the data set in memory), ``snr_gamma`` (Min-SNR loss
+weights); for the autoencoder
 ``init_weights`` and ``freeze_encoder``, which fine-tune the decoder of trained weights, as the SD ft-MSE VAE). Outputs go to
 ``LOGDIR/NAME/``: ``checkpoints/*.ckpt`` (Lightning checkpoints for ``--resume``, released key layout),
 ``weights/step-*.safetensors`` and ``weights/last.safetensors`` (EMA weights) and ``metrics.csv`` (losses).
@@ -26,7 +27,7 @@ from ldm.errors import SdgenError
 logger = logging.getLogger(__name__)
 
 TRAINING_KEYS = {"checkpoint_every_n_steps", "ema_decay", "first_stage_weights", "crop_size", "seed", "num_threads",
-                 "init_weights", "freeze_encoder", "noise_offset", "cache_latents"}
+                 "init_weights", "freeze_encoder", "noise_offset", "cache_latents", "snr_gamma"}
 
 
 # Integer / number / integer-list fields of the model configs sdgen trains, checked before anything is built.
@@ -110,6 +111,8 @@ def load_training_config(paths: list[str]) -> Any:
     for key in ("first_stage_weights", "init_weights"):
         if training.get(key) is not None:
             _typed("training", key, training[key], str)
+    if training.get("snr_gamma") is not None:
+        _typed("training", "snr_gamma", training["snr_gamma"], (int, float), positive=True)
     if training.get("noise_offset") is not None:
         offset = _typed("training", "noise_offset", training["noise_offset"], (int, float))
         if offset < 0:
@@ -178,7 +181,8 @@ def build_module(cfg: Any) -> Any:
                                       noise_offset=float(training.get("noise_offset", 0.0)),
                                       init_weights=_resolve_repo_path(training["init_weights"])
                                       if training.get("init_weights") else None,
-                                      cache_latents=bool(training.get("cache_latents", False)))
+                                      cache_latents=bool(training.get("cache_latents", False)),
+                                      snr_gamma=training.get("snr_gamma"))
     raise SdgenError(f"config: sdgen trains AutoencoderKL and LatentDiffusion models, not {model_cfg['target']}")
 
 

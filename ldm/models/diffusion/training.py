@@ -259,6 +259,8 @@ class LatentDiffusionTrainer(_TrainerBase):
     between the network output and its eps / v / x0 target. The first stage is frozen and loaded from
     ``first_stage_weights``; with ``scale_by_std`` the latent scale becomes 1/std of the first batch's latents.
     ``noise_offset`` > 0 trains with offset noise (flat-colored images need it: see :meth:`p_losses`).
+    ``snr_gamma`` > 0 weights each image's loss with Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556), which
+    caps the weight of the low-noise steps: :func:`min_snr_weight`. Unset, the loss is the original one.
 
     ``cache_latents`` keeps the frozen encoder's posterior (mean and log-variance, (2C, h, w) float32 per item)
     of every data set item it has seen, keyed by the batch's ``index`` entry, and draws a fresh latent from it
@@ -269,7 +271,7 @@ class LatentDiffusionTrainer(_TrainerBase):
 
     def __init__(self, model: LatentDiffusion, learning_rate: float, first_stage_weights: str | None = None,
                  ema_decay: float | None = None, noise_offset: float = 0.0, init_weights: str | None = None,
-                 cache_latents: bool = False) -> None:
+                 cache_latents: bool = False, snr_gamma: float | None = None) -> None:
         tp = model.training_params
         super().__init__(model, learning_rate, tp.get("scheduler_config"), ema_decay)
         self.loss_type = tp.get("loss_type", "l2")
@@ -283,6 +285,9 @@ class LatentDiffusionTrainer(_TrainerBase):
         self.noise_offset = float(noise_offset)
         self._scale_set = False
         self.cache_latents = bool(cache_latents)
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise SdgenError(f"snr_gamma must be positive, got {snr_gamma!r}")
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
         self._posterior_cache: dict[int, torch.Tensor] = {}
         if init_weights is not None:  # continue from a trained model (fresh optimizer, schedule and EMA)
             load_model_weights(model, init_weights)
@@ -355,11 +360,28 @@ class LatentDiffusionTrainer(_TrainerBase):
             target = x0
         err = (out - target).abs() if self.loss_type == "l1" else (out - target).pow(2)
         loss_simple = err.mean(dim=(1, 2, 3))
+        if self.snr_gamma is not None:
+            snr = m.alphas_cumprod[t] / (1.0 - m.alphas_cumprod[t])
+            loss_simple = loss_simple * min_snr_weight(snr, self.snr_gamma, m.parameterization)
         logvar_t = m.logvar.to(x0.device)[t]
         loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
         loss_vlb = (m.lvlb_weights[t] * loss_simple).mean()
         loss = loss + self.original_elbo_weight * loss_vlb
         return loss, {"train/loss_simple": loss_simple.mean().detach(), "train/loss_vlb": loss_vlb.detach()}
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv 2303.09556) for per-image losses of an eps / v / x0
+    network at signal-to-noise ratios ``snr = alpha_bar / (1 - alpha_bar)`` (B,).
+
+    The x0 loss is weighted by ``min(snr, gamma)``; an eps loss equals ``snr`` times the x0 loss and a v loss
+    ``snr + 1`` times, so their weights are ``min(snr, gamma) / snr`` and ``min(snr, gamma) / (snr + 1)``."""
+    clipped = torch.clamp(snr, max=gamma)
+    if parameterization == "eps":
+        return clipped / snr
+    if parameterization == "v":
+        return clipped / (snr + 1.0)
+    return clipped
 
 
 # ----------------------------------------------------------------------------- weights I/O
