@@ -260,28 +260,29 @@ Img2ImgNIter = Annotated[Optional[int], typer.Option("--n_iter", "--n-iter", hel
 NSamples = Annotated[
     int, typer.Option("--n_samples", "--n-samples", help="how many samples per prompt, a.k.a. batch size")]
 NRows = Annotated[int, typer.Option("--n_rows", "--n-rows", help="images per grid row (0: n_samples)")]
-Scale = Annotated[Optional[float], typer.Option("--scale", help="classifier-free guidance scale (1.0: no guidance)")]
+SCALE_HELP = "classifier-free guidance scale (1.0: no guidance)"
+Scale = Annotated[Optional[float], typer.Option("--scale", help=SCALE_HELP)]
 Height = Annotated[Optional[int], size_option("height", "image {side} in pixels")]
 Width = Annotated[Optional[int], size_option("width", "image {side} in pixels")]
+
+
+def model_size_options(rule: str, show_default: str) -> tuple[Any, Any]:
+    """The ``--H`` and ``--W`` option types of a command whose unset size is the model's default."""
+    return tuple(Annotated[Optional[int], size_option(side, "image {side} in pixels", rule, show_default)]
+                 for side in ("height", "width"))
+
+
 # the same flags where an unset one takes the model family's default (txt2img, img2img)
 ModelSteps = Annotated[
     Optional[int], typer.Option(*STEPS_FLAGS, show_default="50; 25 for the demo model",
                                 help="number of sampling steps")]
-ModelScale = Annotated[
-    Optional[float], typer.Option("--scale", show_default="7.5 (img2img 5.0); 5.0 for SDXL and the demo model",
-                                  help="classifier-free guidance scale (1.0: no guidance)")]
-ModelHeight = Annotated[Optional[int], size_option("height", "image {side} in pixels", ANY_SIZE_RULE,
-                                                   "512; 1024 for SDXL; 64 for the demo model")]
-ModelWidth = Annotated[Optional[int], size_option("width", "image {side} in pixels", ANY_SIZE_RULE,
-                                                  "512; 1024 for SDXL; 64 for the demo model")]
+ModelScale = Annotated[Optional[float], typer.Option(
+    "--scale", show_default="7.5 (img2img 5.0); 5.0 for SDXL and the demo model", help=SCALE_HELP)]
+ModelHeight, ModelWidth = model_size_options(ANY_SIZE_RULE, "512; 1024 for SDXL; 64 for the demo model")
 # safe-txt2img: SD 1.x / 2.x only
-SDModelScale = Annotated[
-    Optional[float], typer.Option("--scale", show_default="7.5; 5.0 for the demo model",
-                                  help="classifier-free guidance scale (1.0: no guidance)")]
-SDModelHeight = Annotated[Optional[int], size_option("height", "image {side} in pixels", SD_SIZE_RULE,
-                                                     "512; 64 for the demo model")]
-SDModelWidth = Annotated[Optional[int], size_option("width", "image {side} in pixels", SD_SIZE_RULE,
-                                                    "512; 64 for the demo model")]
+SDModelScale = Annotated[Optional[float], typer.Option("--scale", show_default="7.5; 5.0 for the demo model",
+                                                       help=SCALE_HELP)]
+SDModelHeight, SDModelWidth = model_size_options(SD_SIZE_RULE, "512; 64 for the demo model")
 LatentChannels = Annotated[int, typer.Option("--C", "--latent-channels", help="latent channels")]
 Factor = Annotated[
     Optional[int], typer.Option("--f", "--downsampling-factor", show_default="the config's VAE factor",

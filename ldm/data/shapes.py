@@ -77,7 +77,7 @@ def render(spec: ShapeSpec, resolution: int = 64) -> np.ndarray:
         draw.rectangle(box, fill=fill)
     else:  # upright isosceles triangle filling its bounding box (area = half of the box)
         draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
-    return np.asarray(img.resize((resolution, resolution), Image.BOX), dtype=np.uint8)
+    return np.array(img.resize((resolution, resolution), Image.BOX), dtype=np.uint8)
 
 
 def random_spec(rng: np.random.Generator, resolution: int = 64) -> ShapeSpec:
