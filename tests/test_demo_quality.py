@@ -104,15 +104,13 @@ def demo_report(demo_model):
         return quality.evaluate(quality.pipeline_generator(demo_model, steps=STEPS), seeds=SEEDS)
 
 
-@pytest.mark.xfail(reason="the bundled weights reach about 88-90 % color accuracy (target 90 %): "
-                          "the demo model needs more training (models/demo/README.md)", strict=False)
 def test_demo_model_meets_the_color_target(demo_report):
     assert demo_report.n == len(quality.QUALITY_PROMPTS) * len(SEEDS)
     assert demo_report.color_accuracy >= quality.COLOR_TARGET, quality.format_table(demo_report)
 
 
-@pytest.mark.xfail(reason="the bundled weights draw round blobs for most shapes (shape accuracy about 30 %, "
-                          "target 75 %): the demo model needs more training (models/demo/README.md)", strict=False)
+@pytest.mark.xfail(reason="the bundled weights draw circles and triangles but rarely a square with sharp corners "
+                          "(shape accuracy about 71-73 %, target 75 %): models/demo/README.md", strict=False)
 def test_demo_model_meets_the_shape_target(demo_report):
     assert demo_report.shape_accuracy >= quality.SHAPE_TARGET, quality.format_table(demo_report)
 
@@ -124,8 +122,9 @@ def test_img2img_recolor_target(demo_model):
 
 
 def test_demo_model_beats_a_random_model_by_a_margin(demo_report):
-    # what the bundled weights do reach: well above chance (1/8 colors, 1/3 shapes)
-    assert demo_report.color_accuracy >= 0.8, quality.format_table(demo_report)
+    # what the bundled weights do reach: far above chance (1/8 colors, 1/3 shapes)
+    assert demo_report.color_accuracy >= quality.COLOR_TARGET, quality.format_table(demo_report)
+    assert demo_report.shape_accuracy >= 0.6, quality.format_table(demo_report)
 
 
 def test_a_random_model_fails_the_same_thresholds(random_model):
