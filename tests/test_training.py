@@ -329,3 +329,26 @@ def test_min_snr_weights_give_min_snr_times_the_x0_error():
     torch.testing.assert_close(x0_loss * min_snr_weight(snr, gamma, "x0"), torch.clamp(snr, max=gamma) * x0_loss)
     assert min_snr_weight(snr, gamma, "v")[0] < 0.01 and min_snr_weight(snr, gamma, "v")[-1] == pytest.approx(
         snr[-1] / (snr[-1] + 1))  # low noise weighted down, high noise as the plain v loss
+
+
+def test_demo_recipe_configs_validate_and_chain():
+    """Each documented run of the demo recipe passes the config checks, and each run reads the previous one's
+    output (models/demo/README.md)."""
+    from ldm.cli.train import load_training_config
+
+    demo = REPO / "configs/demo"
+    runs = {
+        "ae": [demo / "shapes-autoencoder.yaml"],
+        "decoder": [demo / "shapes-autoencoder.yaml", demo / "shapes-autoencoder-decoder.yaml"],
+        "ldm": [demo / "shapes-ldm.yaml"],
+        "continue": [demo / "shapes-ldm.yaml", demo / "shapes-ldm-continue.yaml"],
+    }
+    cfg = {name: load_training_config([str(p) for p in paths]) for name, paths in runs.items()}
+    assert cfg["decoder"].training.init_weights == "logs/shapes-autoencoder/weights/last.safetensors"
+    assert cfg["ldm"].training.first_stage_weights == "logs/shapes-autoencoder-decoder/weights/last.safetensors"
+    assert cfg["continue"].training.init_weights == "logs/shapes-ldm/weights/last.safetensors"
+    assert cfg["ldm"].training.cache_latents is True and cfg["ldm"].data.params.batch_size == 64
+    # the continuation restarts the learning-rate cycle over its own length
+    steps = cfg["continue"].lightning.trainer.max_steps
+    assert cfg["continue"].model.params.scheduler_config.params.cycle_lengths == [steps]
+    assert cfg["continue"].model.base_learning_rate < cfg["ldm"].model.base_learning_rate
