@@ -360,11 +360,12 @@ class LatentDiffusionTrainer(_TrainerBase):
             target = x0
         err = (out - target).abs() if self.loss_type == "l1" else (out - target).pow(2)
         loss_simple = err.mean(dim=(1, 2, 3))
+        weighted = loss_simple
         if self.snr_gamma is not None:
             snr = m.alphas_cumprod[t] / (1.0 - m.alphas_cumprod[t])
-            loss_simple = loss_simple * min_snr_weight(snr, self.snr_gamma, m.parameterization)
+            weighted = loss_simple * min_snr_weight(snr, self.snr_gamma, m.parameterization)
         logvar_t = m.logvar.to(x0.device)[t]
-        loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
+        loss = self.l_simple_weight * (weighted / torch.exp(logvar_t) + logvar_t).mean()
         loss_vlb = (m.lvlb_weights[t] * loss_simple).mean()
         loss = loss + self.original_elbo_weight * loss_vlb
         return loss, {"train/loss_simple": loss_simple.mean().detach(), "train/loss_vlb": loss_vlb.detach()}
