@@ -244,3 +244,24 @@ def test_resolve(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: 
     loaded = resolve_safety_checker(None, model_config=cfg)
     assert isinstance(loaded, SafetyChecker) and loaded.vision_model.config.num_attention_heads == 2
     assert isinstance(resolve_safety_checker(tmp_path / "c.safetensors"), SafetyChecker)
+
+
+def test_config_that_needs_no_checker_or_watermark(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``safety_checker: false`` silences the no-checker warning but an explicit path still loads a checker;
+    ``watermark: false`` gives no watermark message (the bundled demo config sets both)."""
+    from omegaconf import OmegaConf
+
+    from ldm.safety.watermark import message_for_config
+
+    monkeypatch.setattr(checker_mod, "_NO_CHECKER_LOGGED", False)
+    cfg = OmegaConf.create({"safety_checker": False, "watermark": False,
+                            "model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion"}})
+    with caplog.at_level(logging.INFO, logger="ldm.safety.checker"):
+        assert resolve_safety_checker(None, model_config=cfg) is None
+    assert "no safety checker active" not in caplog.text and "needs none" in caplog.text
+    sd = {k: v.contiguous() for k, v in tiny_checker().state_dict().items() if not k.endswith("position_ids")}
+    save_file(sd, str(tmp_path / "c.safetensors"))
+    assert isinstance(resolve_safety_checker(tmp_path / "c.safetensors", model_config=cfg), SafetyChecker)
+    assert message_for_config(cfg) is None
+    assert message_for_config(OmegaConf.create({"model": cfg.model})) is not None
