@@ -163,8 +163,8 @@ def test_unset_flags_take_the_family_or_config_defaults():
     assert resolved("txt2img", sd1) == ("ddim", 50, 7.5, 512, 512, 2)
     assert resolved("safe-txt2img", sd1) == ("ddim", 50, 7.5, 512, 512, 2)
     assert resolved("img2img", sd1) == ("ddim", 50, 5.0, None, None, 1)
-    assert resolved("txt2img", demo) == ("ddim", 25, 5.0, 64, 64, 1)
-    assert resolved("safe-txt2img", demo) == ("ddim", 25, 5.0, 64, 64, 1)
+    assert resolved("txt2img", demo) == ("dpmpp_2m", 25, 4.0, 64, 64, 1)
+    assert resolved("safe-txt2img", demo) == ("dpmpp_2m", 25, 4.0, 64, 64, 1)
     assert resolved("txt2img", sdxl, True) == ("euler", 50, 5.0, 1024, 1024, 2)
     # a flag given on the command line wins over every default
-    assert resolved("txt2img", demo, n_iter=3, steps=10, height=128) == ("ddim", 10, 5.0, 128, 64, 3)
+    assert resolved("txt2img", demo, n_iter=3, steps=10, height=128) == ("dpmpp_2m", 10, 4.0, 128, 64, 3)

@@ -341,14 +341,12 @@ def test_demo_recipe_configs_validate_and_chain():
         "ae": [demo / "shapes-autoencoder.yaml"],
         "decoder": [demo / "shapes-autoencoder.yaml", demo / "shapes-autoencoder-decoder.yaml"],
         "ldm": [demo / "shapes-ldm.yaml"],
-        "continue": [demo / "shapes-ldm.yaml", demo / "shapes-ldm-continue.yaml"],
     }
     cfg = {name: load_training_config([str(p) for p in paths]) for name, paths in runs.items()}
     assert cfg["decoder"].training.init_weights == "logs/shapes-autoencoder/weights/last.safetensors"
     assert cfg["ldm"].training.first_stage_weights == "logs/shapes-autoencoder-decoder/weights/last.safetensors"
-    assert cfg["continue"].training.init_weights == "logs/shapes-ldm/weights/last.safetensors"
     assert cfg["ldm"].training.cache_latents is True and cfg["ldm"].data.params.batch_size == 64
-    # the continuation restarts the learning-rate cycle over its own length
-    steps = cfg["continue"].lightning.trainer.max_steps
-    assert cfg["continue"].model.params.scheduler_config.params.cycle_lengths == [steps]
-    assert cfg["continue"].model.base_learning_rate < cfg["ldm"].model.base_learning_rate
+    # one learning-rate cycle over the whole run
+    steps = cfg["ldm"].lightning.trainer.max_steps
+    assert cfg["ldm"].model.params.scheduler_config.params.cycle_lengths == [steps]
+    assert sorted(p.name for p in demo.glob("*.yaml")) == sorted({p.name for paths in runs.values() for p in paths})

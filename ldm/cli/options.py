@@ -245,10 +245,13 @@ Steps = Annotated[Optional[int], typer.Option(*STEPS_FLAGS, help="number of samp
 Plms = Annotated[bool, typer.Option("--plms", help="use PLMS sampling (= --sampler plms)")]
 DpmSolver = Annotated[
     bool, typer.Option("--dpm_solver", "--dpm-solver", help="use DPM-Solver++(2M) (= --sampler dpmpp_2m)")]
-# txt2img / img2img: an SDXL config takes the SGM demo's Euler; SDSampler: the commands for SD 1.x / 2.x only
+# txt2img / img2img: an SDXL config takes the SGM demo's Euler; SDSampler / SafeSampler: the commands for SD
+# 1.x / 2.x only (safe-txt2img falls back to the demo model)
 Sampler = Annotated[
-    Optional[str], typer.Option("--sampler", help=sampler_help("ddim, euler for SDXL"), show_default=False)]
+    Optional[str], typer.Option("--sampler", help=sampler_help("ddim, euler for SDXL, dpmpp_2m for the demo model"), show_default=False)]
 SDSampler = Annotated[Optional[str], typer.Option("--sampler", help=sampler_help("ddim"), show_default=False)]
+SafeSampler = Annotated[
+    Optional[str], typer.Option("--sampler", help=sampler_help("ddim; dpmpp_2m for the demo model"), show_default=False)]
 Eta = Annotated[
     float, typer.Option("--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0.0 = deterministic sampling)")]
 NIter = Annotated[Optional[int], typer.Option("--n_iter", "--n-iter", help="sample this often")]
@@ -280,7 +283,7 @@ ModelScale = Annotated[Optional[float], typer.Option(
     "--scale", show_default="7.5 (img2img 5.0); 5.0 for SDXL and the demo model", help=SCALE_HELP)]
 ModelHeight, ModelWidth = model_size_options(ANY_SIZE_RULE, "512; 1024 for SDXL; 64 for the demo model")
 # safe-txt2img: SD 1.x / 2.x only
-SDModelScale = Annotated[Optional[float], typer.Option("--scale", show_default="7.5; 5.0 for the demo model",
+SDModelScale = Annotated[Optional[float], typer.Option("--scale", show_default="7.5; 4.0 for the demo model",
                                                        help=SCALE_HELP)]
 SDModelHeight, SDModelWidth = model_size_options(SD_SIZE_RULE, "512; 64 for the demo model")
 LatentChannels = Annotated[int, typer.Option("--C", "--latent-channels", help="latent channels")]

@@ -76,7 +76,7 @@ def safe_txt2img(
     steps: o.ModelSteps = None,
     plms: o.Plms = False,
     dpm_solver: o.DpmSolver = False,
-    sampler: o.SDSampler = None,
+    sampler: o.SafeSampler = None,
     eta: o.Eta = 0.0,
     n_iter: o.ModelNIter = None,
     height: o.SDModelHeight = None,
