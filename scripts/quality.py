@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", action="store_true",
                         help="also score quality.HELDOUT_PROMPTS (reported, not held to the targets)")
     args = parser.parse_args(argv)
+    if any(v is not None and v <= 0 for v in (args.steps, args.seeds)):
+        parser.error("--steps and --seeds must be positive")
 
     torch.set_num_threads(args.threads)
     config = load_config(args.config)

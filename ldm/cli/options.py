@@ -247,11 +247,11 @@ DpmSolver = Annotated[
     bool, typer.Option("--dpm_solver", "--dpm-solver", help="use DPM-Solver++(2M) (= --sampler dpmpp_2m)")]
 # txt2img / img2img: an SDXL config takes the SGM demo's Euler; SDSampler / SafeSampler: the commands for SD
 # 1.x / 2.x only (safe-txt2img falls back to the demo model)
-Sampler = Annotated[
-    Optional[str], typer.Option("--sampler", help=sampler_help("ddim, euler for SDXL, dpmpp_2m for the demo model"), show_default=False)]
+Sampler = Annotated[Optional[str], typer.Option(
+    "--sampler", help=sampler_help("ddim, euler for SDXL, dpmpp_2m for the demo model"), show_default=False)]
 SDSampler = Annotated[Optional[str], typer.Option("--sampler", help=sampler_help("ddim"), show_default=False)]
-SafeSampler = Annotated[
-    Optional[str], typer.Option("--sampler", help=sampler_help("ddim; dpmpp_2m for the demo model"), show_default=False)]
+SafeSampler = Annotated[Optional[str], typer.Option(
+    "--sampler", help=sampler_help("ddim; dpmpp_2m for the demo model"), show_default=False)]
 Eta = Annotated[
     float, typer.Option("--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0.0 = deterministic sampling)")]
 NIter = Annotated[Optional[int], typer.Option("--n_iter", "--n-iter", help="sample this often")]
