@@ -23,7 +23,11 @@ import torch  # noqa: E402
 
 from ldm import quality  # noqa: E402
 from ldm.checkpoint import load_config, load_model  # noqa: E402
+from ldm.cli.options import GenerateOptions  # noqa: E402
+from ldm.cli.run import resolve_sampling_defaults  # noqa: E402
+from ldm.errors import SdgenError  # noqa: E402
 from ldm.pipelines import DEMO_CKPT, DEMO_CONFIG, REPO_ROOT, vae_downsampling_factor  # noqa: E402
+from ldm.sampling.samplers import SAMPLERS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,15 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(v is not None and v <= 0 for v in (args.steps, args.seeds)):
         parser.error("--steps and --seeds must be positive")
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        parser.error(f"unknown sampler {args.sampler!r} ({', '.join(SAMPLERS)})")
+    try:
+        return run(args)
+    except SdgenError as err:  # a missing or mismatched config / checkpoint: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = load_config(args.config)
+    # unset --sampler / --steps / --scale: what txt2img uses for this config
+    opts = resolve_sampling_defaults(GenerateOptions(command="txt2img", sampler=args.sampler, steps=args.steps,
+                                                     scale=args.scale), config, sdxl=False)
+    sampling = {"sampler": opts.sampler, "steps": opts.steps, "scale": opts.scale}
     model = load_model(config, args.ckpt).eval()
     factor = vae_downsampling_factor(config)
-    own = dict(config.get("sampling_defaults", None) or {})
-    sampling = {"sampler": args.sampler or own.get("sampler", "ddim"),
-                "steps": args.steps or int(own.get("steps", 25)),
-                "scale": args.scale if args.scale is not None else float(own.get("scale", 5.0))}
     print(f"{sampling['sampler']}, {sampling['steps']} steps, guidance scale {sampling['scale']:g}, "
           f"seeds 0-{args.seeds - 1}")
     seeds = list(range(args.seeds))

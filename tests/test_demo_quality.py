@@ -139,3 +139,28 @@ def test_demo_model_beats_a_random_model_by_a_margin(demo_report, random_report)
     # the trained weights, not the decoder or the sampler, make the images match the prompt
     assert demo_report.color_accuracy - random_report.color_accuracy >= 0.5, quality.format_table(random_report)
     assert demo_report.shape_accuracy - random_report.shape_accuracy >= 0.3, quality.format_table(random_report)
+
+
+def quality_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "scripts/quality.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_quality_script_uses_the_config_sampling_defaults_and_scores():
+    result = quality_script("--steps", "2", "--seeds", "1", "--no-img2img", "--threads", "1")
+    assert result.returncode in (0, 1), result.stderr  # 2 steps may miss the targets; it must still score
+    first = result.stdout.splitlines()[0]
+    assert first == f"{DEMO_SAMPLING['sampler']}, 2 steps, guidance scale {DEMO_SAMPLING['scale']:g}, seeds 0-0"
+    assert "shape accuracy" in result.stdout and f"(target {quality.SHAPE_TARGET:.0%})" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--ckpt", "missing.safetensors"), "checkpoint not found"),
+    (("--sampler", "bogus"), "unknown sampler 'bogus'"),
+    (("--seeds", "0"), "must be positive"),
+])
+def test_quality_script_bad_input_is_one_line_and_exit_2(args, message):
+    result = quality_script(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
