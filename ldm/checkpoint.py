@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 
-#: The repository root, which holds the bundled ``configs/`` (next to the ``ldm`` package in a source checkout).
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 # ---- Reading files -----------------------------------------------------------------------------------------------
@@ -132,30 +129,67 @@ def is_safetensors(path: PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def safetensors_header(path: PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """The JSON header of a safetensors file (``{key: {"dtype", "shape", "data_offsets"}, "__metadata__"?}``),
+    after checking that the file holds every byte the header promises.
+
+    Raises:
+        SdgenError: not a safetensors file, or truncated (the message says how many bytes are missing).
+    """
+    from ldm.files import looks_like, require_file
+
+    p = require_file(path, what)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or length > min(size - 8, 1 << 30):
+            if 8 <= length < (1 << 30) and looks_like(p) == "a safetensors file":
+                raise SdgenError(f"the {what} {path} is truncated: its header needs {length + 8} bytes, the file "
+                                 f"has {size}")
+            raise SdgenError(f"the {what} {path} is not a safetensors file (it looks like {looks_like(p)})")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
+        raise SdgenError(f"the {what} {path} has a damaged safetensors header ({exc})") from exc
+    needed = 8 + length + max(ends, default=0)
+    if needed > size:
+        raise SdgenError(f"the {what} {path} is truncated: its tensors need {needed} bytes, the file has {size}")
+    return header
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    safetensors_header(path, what)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise SdgenError(f"cannot read {path} as safetensors: {exc}") from exc
+        raise SdgenError(f"cannot read the {what} {path} as safetensors: {exc}") from exc
 
 
-def read_pickle_checkpoint(path: PathLike) -> Any:
+def read_pickle_checkpoint(path: PathLike, what: str = "checkpoint") -> Any:
     """The whole object of a pickle checkpoint, via ``torch.load(weights_only=True)`` and the allow-list.
 
     Allow-listed classes come back as :class:`InertObject` stand-ins. Any other global is refused by name
-    (:class:`~ldm.errors.SdgenError`) before unpickling starts, for zip-format files.
+    (:class:`~ldm.errors.SdgenError`) before unpickling starts, for zip-format files. ``what`` names the file's
+    role in error messages. A file that is neither a zip archive nor a pickle, or a truncated one, is refused
+    with what it looks like.
     """
-    path = Path(path)
+    path = check_checkpoint_file(path, what)
     allowed = allowed_checkpoint_globals()
     zipped = _is_zip(path)
     if zipped:
         try:
             needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as exc:  # corrupt archive, missing data.pkl, ...
-            raise SdgenError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+            raise SdgenError(f"cannot read the {what} {path} as a PyTorch checkpoint: "
+                             f"{_first_line(exc)}") from exc
         refused = sorted(name for name in needed if name not in allowed)
         if refused:
             raise SdgenError(_refusal(path, refused))
@@ -167,7 +201,14 @@ def read_pickle_checkpoint(path: PathLike) -> Any:
         match = re.search(r"GLOBAL (\S+)", str(exc))  # legacy (non-zip) files are checked while unpickling
         if match:
             raise SdgenError(_refusal(path, [match.group(1)])) from exc
-        raise SdgenError(f"cannot read {path} as a PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
+        if isinstance(exc, (EOFError, RuntimeError)) or "truncated" in str(exc) or "Ran out of input" in str(exc):
+            raise SdgenError(f"the {what} {path} is truncated or damaged ({_first_line(exc)})") from exc
+        raise SdgenError(f"cannot read the {what} {path} as a PyTorch checkpoint: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _refusal(path: Path, names: list[str]) -> str:
@@ -178,7 +219,27 @@ def _refusal(path: Path, names: list[str]) -> str:
     )
 
 
-def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+def check_checkpoint_file(path: PathLike, what: str = "checkpoint") -> Path:
+    """The cheap checks of a checkpoint before a run commits to it (no tensor is read): a non-empty file that is
+    a complete safetensors file (its header and the byte count it promises), a zip archive with its central
+    directory (PyTorch's format), or a legacy pickle. Raises SdgenError naming the file otherwise."""
+    from ldm.files import looks_like, require_file
+
+    p = require_file(path, what)
+    if is_safetensors(p):
+        safetensors_header(p, what)
+        return p
+    kind = looks_like(p)
+    if _is_zip(p):
+        return p
+    if kind == "a zip archive":
+        raise SdgenError(f"the {what} {path} is a truncated or damaged zip archive (no central directory)")
+    if kind != "a Python pickle":
+        raise SdgenError(f"the {what} {path} is not a PyTorch checkpoint (it looks like {kind})")
+    return p
+
+
+def read_state_dict(path: PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read a checkpoint's tensors: ``{key: tensor}`` on the CPU, in the file's dtypes (fp16/bf16/fp32).
 
     ``.safetensors`` files are read without any pickle (memory-mapped by safetensors). Pickle checkpoints
@@ -186,25 +247,28 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     allow-list above; a Lightning-style ``{'state_dict': ..., 'epoch': ..., ...}`` wrapper is unwrapped.
     Non-tensor entries inside the state_dict are dropped with a logged note.
 
+    ``what`` names the file's role in error messages ("checkpoint", "safety-checker weights", ...).
+
     Raises:
-        SdgenError: missing/unreadable file, a pickle referencing a non-allow-listed global, or no tensors.
+        SdgenError: missing, empty, truncated or unreadable file, a file of another kind, a pickle referencing a
+            non-allow-listed global, or no tensors.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise SdgenError(f"checkpoint not found: {p}")
+    from ldm.files import require_file
+
+    p = require_file(path, what)
     if is_safetensors(p):
-        return _read_safetensors(p)
-    obj = read_pickle_checkpoint(p)
+        return _read_safetensors(p, what)
+    obj = read_pickle_checkpoint(p, what)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise SdgenError(f"{p} holds a {type(obj).__name__}, not a state_dict")
+        raise SdgenError(f"the {what} {p} holds a {type(obj).__name__}, not a state_dict")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if others:
         logger.info("%s: ignoring %d non-tensor entries (%s)", p.name, len(others), ", ".join(others[:3]))
     if not tensors:
-        raise SdgenError(f"{p} holds no tensors")
+        raise SdgenError(f"the {what} {p} holds no tensors")
     return tensors
 
 
@@ -219,16 +283,27 @@ def load_config(path: PathLike):
     """
     from omegaconf import DictConfig, OmegaConf
 
+    from ldm.files import read_text_file
+
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise SdgenError(f"config not found: {p}")
+    text = read_text_file(p, "config")
     try:
-        cfg = OmegaConf.load(p)
+        cfg = OmegaConf.create(text)
     except Exception as exc:  # yaml.YAMLError and OmegaConf errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdgenError(f"invalid config {p}: {first}") from exc
     if not isinstance(cfg, DictConfig):
         raise SdgenError(f"invalid config {p}: expected a mapping at the top level")
+    return cfg
+
+
+def load_model_config(path: PathLike):
+    """:func:`load_config` of a model config: one with a ``model.target`` to build (raises SdgenError naming
+    the file otherwise)."""
+    cfg = load_config(path)
+    model = cfg.get("model", None)
+    if not hasattr(model, "get") or not isinstance(model.get("target", None), str):
+        raise SdgenError(f"the config {path} is not a model config (it has no model.target)")
     return cfg
 
 
@@ -256,7 +331,9 @@ CONFIG_SDXL_REFINER = "configs/sdxl/sd_xl_refiner.yaml"
 
 def bundled_config(relative: str) -> Path:
     """Absolute path of a bundled config named relative to the repository root (e.g. :data:`CONFIG_SD1`)."""
-    return REPO_ROOT / relative
+    from ldm.bundled import bundled_path
+
+    return bundled_path(relative)
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mappi
 import numpy as np
 import torch
 
+from ldm.bundled import bundled_path
 from ldm.errors import SdgenError
 from ldm.sampling import noise as noise_lib
 from ldm.sampling import schedules
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Where the CompVis scripts expect their inputs (CV scripts/txt2img.py defaults)
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -62,12 +62,12 @@ class ModelFiles:
 
 
 def _find(path: str) -> Path:
-    """``path`` as given, else relative to the sdgen source tree (the originals run from the repo root)."""
+    """``path`` as given, else among the bundled files (:mod:`ldm.bundled`; the originals run from the repo root)."""
     candidate = Path(path).expanduser()
     if candidate.exists() or candidate.is_absolute():
         return candidate.resolve()
-    in_repo = REPO_ROOT / candidate
-    return (in_repo if in_repo.exists() else candidate).resolve()
+    bundled = bundled_path(str(candidate))
+    return (bundled if bundled.exists() else candidate).resolve()
 
 
 def resolve_checkpoint(ckpt: Optional[str], config: Optional[str]) -> ModelFiles:
@@ -107,7 +107,7 @@ def resolve_checkpoint(ckpt: Optional[str], config: Optional[str]) -> ModelFiles
 
 def demo_model_files() -> Optional[ModelFiles]:
     """The bundled demo model (:data:`DEMO_CONFIG`, :data:`DEMO_CKPT`), or None where it is not installed."""
-    config_path, ckpt_path = REPO_ROOT / DEMO_CONFIG, REPO_ROOT / DEMO_CKPT
+    config_path, ckpt_path = bundled_path(DEMO_CONFIG), bundled_path(DEMO_CKPT)
     if config_path.is_file() and ckpt_path.is_file():
         return ModelFiles(config=config_path.resolve(), checkpoint=ckpt_path.resolve())
     return None
@@ -508,16 +508,30 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def read_image(path: str | os.PathLike) -> "PIL.Image.Image":
-    """Open an image file as RGB (fully read, so a truncated file fails here)."""
+def read_image(path: str | os.PathLike, what: str = "init image") -> "PIL.Image.Image":
+    """Open an image file as RGB, refusing a truncated or damaged one instead of decoding part of it.
+
+    The file is checked whole first (PIL ``verify``: every PNG chunk's CRC up to IEND; a JPEG must reach its
+    end-of-image marker), then decoded.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    from ldm.files import looks_like, require_file
+
+    p = require_file(path, what)
     try:
-        with Image.open(path) as handle:
+        with Image.open(p) as handle:
+            kind = handle.format
+            handle.verify()
+        if kind == "JPEG" and p.read_bytes().rfind(b"\xff\xd9") < 2:
+            raise SdgenError(f"the {what} {path} is a truncated JPEG (no end-of-image marker)")
+        with Image.open(p) as handle:
             return handle.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise SdgenError(f"the {what} {path} is not an image (it looks like {looks_like(p)})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
-        raise SdgenError(f"cannot read the init image {path}: {reason}") from exc
+        raise SdgenError(f"the {what} {path} is truncated or damaged ({reason})") from exc
 
 
 def image_to_tensor(image: "PIL.Image.Image", size: Optional[tuple[int, int]], multiple: int) -> torch.Tensor:

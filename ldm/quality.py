@@ -84,14 +84,30 @@ def nearest_color(rgb: Sequence[float]) -> str:
     return names[int(np.argmin(((table - np.asarray(rgb, dtype=np.float64)) ** 2).sum(axis=1)))]
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
+def label_components(mask: np.ndarray) -> np.ndarray:
+    """4-connected components of a boolean mask ``(H, W)``: int64 labels, 0 outside the mask, and inside it the
+    flat index + 1 of the component's first pixel in raster order (so label order is raster order of first
+    pixels, as in scipy.ndimage.label with its default cross-shaped structure)."""
+    h, w = mask.shape
+    big = h * w + 1
+    labels = np.where(mask, np.arange(1, h * w + 1, dtype=np.int64).reshape(h, w), big)
+    while True:  # propagate the smallest label through the mask until nothing changes
+        padded = np.pad(labels, 1, constant_values=big)
+        neighbours = np.minimum.reduce([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1],
+                                        padded[1:-1, :-2], padded[1:-1, 2:]])
+        updated = np.where(mask, neighbours, big)
+        if np.array_equal(updated, labels):
+            return np.where(mask, labels, 0)
+        labels = updated
 
-    labels, count = ndimage.label(mask)
-    if count <= 1:
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of ``mask`` (ties: the one whose first pixel comes first)."""
+    labels = label_components(mask)
+    ids, sizes = np.unique(labels[mask], return_counts=True)
+    if len(ids) <= 1:
         return mask
-    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
-    return labels == (1 + int(np.argmax(sizes)))
+    return labels == ids[int(np.argmax(sizes))]
 
 
 def shape_from_features(fill: float, top: float) -> str:

@@ -93,8 +93,10 @@ def validate_params(params: SLDParams) -> None:
 
 
 def presets_dir() -> Path:
-    """The folder holding the bundled presets (``configs/sld`` beside the ``ldm`` package)."""
-    return Path(__file__).resolve().parent.parent / "configs" / "sld"
+    """The folder holding the bundled presets (``configs/sld``, see :mod:`ldm.bundled`)."""
+    from ldm.bundled import bundled_path
+
+    return bundled_path("configs/sld")
 
 
 def preset_path(name: str) -> Path:
@@ -118,11 +120,14 @@ def load_sld_config(path: str | Path) -> SLDParams:
     """
     from omegaconf import OmegaConf
 
+    from ldm.files import read_text_file
+
     path = Path(path)
     if not path.is_file():
         raise SdgenError(f"SLD config file not found: {path}")
+    text = read_text_file(path, "SLD config")
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        data = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
     except Exception as exc:  # omegaconf/yaml raise many types; the message is what the user needs
         raise SdgenError(f"cannot read SLD config {path}: {exc}") from exc
     if isinstance(data, dict) and set(data) == {"sld"}:

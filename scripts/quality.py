@@ -26,14 +26,15 @@ from ldm.checkpoint import load_config, load_model  # noqa: E402
 from ldm.cli.options import GenerateOptions  # noqa: E402
 from ldm.cli.run import resolve_sampling_defaults  # noqa: E402
 from ldm.errors import SdgenError  # noqa: E402
-from ldm.pipelines import DEMO_CKPT, DEMO_CONFIG, REPO_ROOT, vae_downsampling_factor  # noqa: E402
+from ldm.bundled import bundled_path  # noqa: E402
+from ldm.pipelines import DEMO_CKPT, DEMO_CONFIG, vae_downsampling_factor  # noqa: E402
 from ldm.sampling.samplers import SAMPLERS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / DEMO_CONFIG))
-    parser.add_argument("--ckpt", default=str(REPO_ROOT / DEMO_CKPT))
+    parser.add_argument("--config", default=str(bundled_path(DEMO_CONFIG)))
+    parser.add_argument("--ckpt", default=str(bundled_path(DEMO_CKPT)))
     parser.add_argument("--sampler", help="default: the config's sampling_defaults")
     parser.add_argument("--steps", type=int, help="default: the config's sampling_defaults")
     parser.add_argument("--scale", type=float, help="default: the config's sampling_defaults")

@@ -322,7 +322,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
         read_state_dict(tmp_path / "nope.ckpt")
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(SdgenError, match="cannot read"):
+    with pytest.raises(SdgenError, match="not a PyTorch checkpoint .it looks like a text file"):
         read_state_dict(junk)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 16)

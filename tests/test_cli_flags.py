@@ -3,7 +3,6 @@ text that state what the command really does."""
 
 from __future__ import annotations
 
-import click
 import pytest
 import typer
 
@@ -27,8 +26,8 @@ SD_CONFIGS = (
 
 
 @pytest.fixture(scope="module")
-def params() -> dict[str, dict[str, click.Parameter]]:
-    """command -> flag name -> the click parameter typer builds from the command function."""
+def params() -> dict[str, dict[str, object]]:
+    """command -> flag name -> the parameter object typer builds from the command function."""
     app = typer.Typer()
     for name, spec in COMMANDS.items():
         register(app, name, spec)

@@ -126,5 +126,5 @@ def test_load_manifest_rejects_other_json(tmp_path):
     with pytest.raises(SdgenError, match="not an sdgen run manifest"):
         load_manifest(path)
     path.write_text("{not json")
-    with pytest.raises(SdgenError, match="not a JSON run manifest"):
+    with pytest.raises(SdgenError, match="is not valid JSON, truncated or damaged"):
         load_manifest(path)

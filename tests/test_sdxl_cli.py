@@ -165,7 +165,7 @@ def test_refiner_passed_as_base_is_detected_from_its_keys(tmp_path, files, commo
         (["--ckpt", "B", "--refiner-ckpt", "R", "--steps", "0"], "--steps must be at least 1"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--sampler", "nope"], "unknown sampler 'nope'"),
         (["--ckpt", "B", "--refiner-ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
-        (["--init-img", "missing.png", "--refiner-ckpt", "R"], "cannot read the init image missing.png"),
+        (["--init-img", "missing.png", "--refiner-ckpt", "R"], "init image not found: missing.png"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, files, common, args, message):

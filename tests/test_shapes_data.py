@@ -98,3 +98,26 @@ def test_classifier_edge_cases():
         prompt_target("a dog")
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
     classify(noise)  # any image is classified without error
+
+
+def test_connected_components_are_4_connected_in_raster_order():
+    from ldm.quality import _largest_component, label_components
+
+    mask = np.array([
+        [1, 1, 0, 0, 0],
+        [0, 1, 0, 1, 1],
+        [0, 0, 1, 0, 1],  # (2, 2) touches (1, 1) only diagonally: a component of its own
+        [1, 0, 0, 0, 1],
+        [1, 1, 0, 1, 1],
+    ], dtype=bool)
+    labels = label_components(mask)
+    assert (labels == 0).sum() == (~mask).sum()
+    groups = sorted({int(v) for v in labels[mask]})
+    # first pixels in raster order: (0,0) -> 1, (1,3) -> 9, (2,2) -> 13, (3,0) -> 16
+    assert groups == [1, 9, 13, 16]
+    assert (labels == 9).sum() == 6 and (labels == 13).sum() == 1
+    largest = _largest_component(mask)
+    assert largest.sum() == 6 and largest[1, 3] and not largest[0, 0]
+    tie = np.zeros((3, 5), dtype=bool)
+    tie[0, :2] = tie[2, 3:] = True  # two components of 2 pixels: the first in raster order wins
+    assert _largest_component(tie).tolist() == (label_components(tie) == 1).tolist()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from ldm.checkpoint import load_config, load_model, read_state_dict
@@ -37,7 +37,7 @@ def ae_config() -> dict:
 
 
 def ldm_config(first_stage: Path) -> dict:
-    demo = yaml.safe_load((REPO / "configs/demo/shapes-ldm.yaml").read_text())
+    demo = OmegaConf.to_container(OmegaConf.load(REPO / "configs/demo/shapes-ldm.yaml"))
     params = demo["model"]["params"]
     params["image_size"] = 16
     params["unet_config"]["params"].update(image_size=16, model_channels=32, channel_mult=[1, 2],
@@ -54,7 +54,7 @@ def ldm_config(first_stage: Path) -> dict:
 
 
 def write(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return path
 
 
@@ -159,7 +159,7 @@ def test_decoder_fine_tuning_keeps_the_encoder(trained):
 
 
 def test_ldm_continues_from_exported_weights(trained):
-    cfg = yaml.safe_load((trained / "ldm.yaml").read_text())
+    cfg = OmegaConf.to_container(OmegaConf.load(trained / "ldm.yaml"))
     cfg["training"] = {"init_weights": str(trained / "logs/ldm/weights/last.safetensors"), "ema_decay": 0.9}
     cfg["lightning"]["trainer"]["max_steps"] = 1
     result = train("--base", write(trained / "ldm-cont.yaml", cfg), "--logdir", trained / "logs", "--name",

@@ -263,12 +263,13 @@ class RunManifest:
 
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a run manifest written by :class:`RunManifest`."""
+    from ldm.files import read_text_file
+
+    text = read_text_file(path, "run manifest")
     try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise SdgenError(f"cannot read the run manifest {path}: {exc.strerror or exc}") from exc
+        data = json.loads(text)
     except ValueError as exc:
-        raise SdgenError(f"{path} is not a JSON run manifest ({exc})") from exc
+        raise SdgenError(f"the run manifest {path} is not valid JSON, truncated or damaged ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise SdgenError(f"{path} is not an sdgen run manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
     if data.get("format_version", 0) > MANIFEST_VERSION:

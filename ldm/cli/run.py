@@ -129,13 +129,10 @@ def read_prompts(opts: Any) -> list[str]:
         return list(opts.prompt_list)
     if opts.from_file is None:
         return [opts.prompt]
+    from ldm.files import read_text_file
+
     path = Path(opts.from_file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SdgenError(f"cannot read the prompt file {path}: not UTF-8 text ({exc.reason})") from exc
-    except OSError as exc:
-        raise SdgenError(f"cannot read the prompt file {path}: {exc.strerror or exc}") from exc
+    text = read_text_file(path, "prompt file")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SdgenError(f"the prompt file {path} holds no prompt (one prompt per line)")
@@ -457,14 +454,15 @@ def check_geometry(config: Any, opts: Any) -> int:
 
 def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = None) -> RunPlan:
     """Every check that needs no model, in the order a user would fix them (raises SdgenError)."""
-    from ldm.checkpoint import file_sha256, load_config
+    from ldm.checkpoint import check_checkpoint_file, file_sha256, load_model_config
     from ldm.sdxl_pipeline import is_sdxl_config
 
     check_options(opts)
     prompts = read_prompts(opts)
     init_pil = read_image(opts.init_img) if opts.command == "img2img" else None
     files = resolve_checkpoint(opts.ckpt, opts.config)
-    config = load_config(files.config)
+    check_checkpoint_file(files.checkpoint)
+    config = load_model_config(files.config)
     sdxl = is_sdxl_config(config)
     opts = resolve_sampling_defaults(opts, config, sdxl)
     check_options(opts)

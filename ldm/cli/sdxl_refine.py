@@ -141,16 +141,11 @@ def check_refine_options(opts: RefineOptions) -> None:
 
 def checkpoint_keys(path: Path) -> list[str]:
     """The tensor names of a checkpoint; for .safetensors only the header is read."""
-    from ldm.checkpoint import is_safetensors, read_state_dict
+    from ldm.checkpoint import is_safetensors, read_state_dict, safetensors_header
+    from ldm.files import require_file
 
-    if is_safetensors(path):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return list(handle.keys())
-        except Exception as exc:  # SafetensorError, OSError: not a readable file
-            raise SdgenError(f"cannot read {path} as safetensors: {exc}") from exc
+    if is_safetensors(require_file(path, "checkpoint")):
+        return [key for key in safetensors_header(path) if key != "__metadata__"]
     return list(read_state_dict(path))
 
 
@@ -186,7 +181,7 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
     """Run ``sdxl-refine`` from its options; returns :class:`ldm.cli.run.RunResult`. ``expect`` holds hashes a
     replay must find (``checkpoint_sha256`` of the run's main model, ``refiner_checkpoint_sha256``,
     ``init_image_sha256``)."""
-    from ldm.checkpoint import file_sha256, load_config, load_model
+    from ldm.checkpoint import file_sha256, load_model, load_model_config
     from ldm.cli.output import OutputFolder
     from ldm.cli.run import (
         check_expectations,
@@ -221,8 +216,8 @@ def execute_refine(opts: RefineOptions, *, expect: Optional[Mapping[str, Any]] =
     if opts.two_stage:
         base_files = resolve_checkpoint(opts.ckpt, opts.config)
         check_checkpoint_role(base_files.checkpoint, "base", "--ckpt")
-    refiner_config = load_config(refiner_files.config)
-    base_config = load_config(base_files.config) if base_files else None
+    refiner_config = load_model_config(refiner_files.config)
+    base_config = load_model_config(base_files.config) if base_files else None
     check_schedule(base_config or refiner_config, opts)
     multiple = max(latent_size_multiple(c) for c in (refiner_config, base_config) if c is not None)
     factor = vae_downsampling_factor(refiner_config)

@@ -99,7 +99,7 @@ def execute_unclip(
     receives the one-line notices of the run (unCLIP-L without its statistics).
     """
     from ldm import pipelines
-    from ldm.checkpoint import CONFIG_UNCLIP_L, bundled_config, file_sha256, guess_config, load_config, read_state_dict
+    from ldm.checkpoint import CONFIG_UNCLIP_L, bundled_config, file_sha256, guess_config, load_model_config, read_state_dict
     from ldm.cli.output import OutputFolder
     from ldm.cli.run import (
         absolute,
@@ -131,7 +131,7 @@ def execute_unclip(
     init_tensors = [pipelines.image_to_tensor(pipelines.read_image(p), None, INPUT_MULTIPLE) for p in init_paths]
 
     files = pipelines.resolve_checkpoint(opts.ckpt or DEFAULT_CKPT, opts.config or str(bundled_config(CONFIG_UNCLIP_L)))
-    if opts.config is not None and not is_unclip_config(load_config(files.config)):
+    if opts.config is not None and not is_unclip_config(load_model_config(files.config)):
         raise SdgenError(f"--config {opts.config} is not a Stable unCLIP config; {UNCLIP_FILES_HINT}")
     state_dict = read_state_dict(files.checkpoint)
     if not is_unclip_state_dict(state_dict):
@@ -146,7 +146,7 @@ def execute_unclip(
         if bundled is None:
             raise SdgenError(f"cannot tell which unCLIP config {files.checkpoint} needs: pass --config")
         config_path = bundled_config(bundled)
-    config = load_config(config_path)
+    config = load_model_config(config_path)
     opts = resolve_sampling_defaults(opts, config, sdxl=False)
     factor = check_geometry(config, opts)
 

@@ -192,7 +192,7 @@ def infer_vision_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any
         positions = state_dict[prefix + "embeddings.position_embedding.weight"]
         fc1 = state_dict[prefix + "encoder.layers.0.mlp.fc1.weight"]
     except KeyError as exc:
-        raise SdgenError(f"not a safety checker state dict: key {exc.args[0]!r} is missing") from exc
+        raise SdgenError(f"key {exc.args[0]!r} is missing") from exc
     layer_key = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
     layers = {int(m.group(1)) for k in state_dict if (m := layer_key.match(k))}
     hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
@@ -223,15 +223,18 @@ def load_safety_checker(
     path = Path(path)
     if not path.is_file():
         raise SdgenError(f"safety checker weights not found: {path}")
-    state_dict = dict(read_state_dict(str(path)))
+    state_dict = dict(read_state_dict(str(path), "safety-checker file"))
     state_dict = {k: v for k, v in state_dict.items() if not _KNOWN_EXTRA_KEYS.match(k)}
-    config = {**infer_vision_config(state_dict), **dict(vision_config or {})}
+    try:
+        config = {**infer_vision_config(state_dict), **dict(vision_config or {})}
+    except SdgenError as exc:
+        raise SdgenError(f"the safety-checker file {path} is not a safety checker ({exc})") from exc
     try:
         projection_dim, _ = state_dict["visual_projection.weight"].shape
         num_concepts = state_dict["concept_embeds"].shape[0]
         num_special = state_dict["special_care_embeds"].shape[0]
     except KeyError as exc:
-        raise SdgenError(f"{path}: not a safety checker file (no {exc.args[0]!r})") from exc
+        raise SdgenError(f"the safety-checker file {path} is not a safety checker (no {exc.args[0]!r})") from exc
     with torch.device("meta"):
         checker = SafetyChecker(config, projection_dim, num_concepts, num_special)
     state_dict = {k: v.to(torch.float32) for k, v in state_dict.items()}
@@ -242,7 +245,7 @@ def load_safety_checker(
             detail.append(f"missing {len(missing)} key(s), e.g. {', '.join(missing[:3])}")
         if unexpected:
             detail.append(f"unexpected {len(unexpected)} key(s), e.g. {', '.join(unexpected[:3])}")
-        raise SdgenError(f"{path}: does not fit the safety checker: " + "; ".join(detail))
+        raise SdgenError(f"the safety-checker file {path} does not fit the safety checker: " + "; ".join(detail))
     # the non-persistent position_ids buffer is not in the file: rebuild it off the meta device
     embeddings = checker.vision_model.vision_model.embeddings
     embeddings.register_buffer(

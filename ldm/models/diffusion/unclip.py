@@ -257,7 +257,7 @@ def _read_embedder_file(path: PathLike) -> dict[str, torch.Tensor]:
     from ldm.checkpoint import read_state_dict
 
     try:
-        return read_state_dict(path)
+        return read_state_dict(path, "image-embedder weights")
     except SdgenError as exc:
         if "torchscript" not in str(exc).lower():
             raise
@@ -292,13 +292,12 @@ def _prune_absent_embedder_parts(model: ImageEmbeddingConditionedLatentDiffusion
 
 def read_clip_stats(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Read Karlo's ``ViT-L-14_stats.th``: a saved ``(mean, std)`` pair (or a dict with those keys) of tensors."""
+    from ldm.checkpoint import read_pickle_checkpoint
+
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise SdgenError(f"CLIP statistics file not found: {p} (Karlo's ViT-L-14_stats.th)")
-    try:
-        stats = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SdgenError(f"cannot read CLIP statistics {p}: {str(exc).splitlines()[0]}") from exc
+    stats = read_pickle_checkpoint(p, "CLIP statistics file")
     if isinstance(stats, Mapping):
         stats = (stats.get("mean"), stats.get("std"))
     if not (isinstance(stats, (tuple, list)) and len(stats) == 2 and all(torch.is_tensor(s) for s in stats)):
