@@ -2,8 +2,8 @@
 
 The CompVis and Stability configs name classes by import path (``ldm.models.diffusion.ddpm.LatentDiffusion``,
 ``sgm.modules.encoders.modules.GeneralConditioner``). sdgen keeps the ``ldm.*`` layout, so those resolve
-directly; the small alias table below maps upstream ``sgm.*`` paths (and a few moved ``ldm.*`` ones) to the
-sdgen classes, so users' own YAML files keep working.
+directly; the small alias table below maps upstream ``sgm.*`` paths (and the ``ldm.*`` ones sdgen keeps
+elsewhere) to the sdgen classes, so users' own YAML files keep working.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ TARGET_ALIASES: dict[str, str] = {
     "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization": "ldm.sampling.schedules.LegacyDDPMDiscretization",
     "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation": "ldm.modules.encoders.modules.CLIPEmbeddingNoiseAugmentation",
     "ldm.models.diffusion.ddpm.ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip.ImageEmbeddingConditionedLatentDiffusion",
+    "ldm.lr_scheduler.LambdaLinearScheduler": "ldm.training.lr_scheduler.LambdaLinearScheduler",
+    "ldm.lr_scheduler.LambdaWarmUpCosineScheduler": "ldm.training.lr_scheduler.LambdaWarmUpCosineScheduler",
 }
 
 
@@ -84,8 +86,3 @@ def _to_container(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)
     return dict(node) if isinstance(node, Mapping) else node
-
-
-def count_params(module: Any) -> int:
-    """Number of parameters of a torch module."""
-    return sum(p.numel() for p in module.parameters())

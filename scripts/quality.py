@@ -21,13 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ldm import quality  # noqa: E402
-from ldm.checkpoint import load_config, load_model  # noqa: E402
-from ldm.cli.options import GenerateOptions  # noqa: E402
-from ldm.cli.run import resolve_sampling_defaults  # noqa: E402
-from ldm.errors import SdgenError  # noqa: E402
 from ldm.bundled import bundled_path  # noqa: E402
-from ldm.pipelines import DEMO_CKPT, DEMO_CONFIG, vae_downsampling_factor  # noqa: E402
+from ldm.checkpoint import load_config, load_model  # noqa: E402
+from ldm.defaults import defaults_for  # noqa: E402
+from ldm.demo import quality  # noqa: E402
+from ldm.errors import SdgenError  # noqa: E402
+from ldm.model_files import DEMO_CKPT, DEMO_CONFIG  # noqa: E402
 from ldm.sampling.samplers import SAMPLERS  # noqa: E402
 
 
@@ -58,17 +57,16 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = load_config(args.config)
-    # unset --sampler / --steps / --scale: what txt2img uses for this config
-    opts = resolve_sampling_defaults(GenerateOptions(command="txt2img", sampler=args.sampler, steps=args.steps,
-                                                     scale=args.scale), config, sdxl=False)
-    sampling = {"sampler": opts.sampler, "steps": opts.steps, "scale": opts.scale}
+    # unset --sampler / --steps / --scale: what txt2img uses for this config (ldm.defaults)
+    defaults = defaults_for("txt2img", "sd", config)
+    given = {"sampler": args.sampler, "steps": args.steps, "scale": args.scale}
+    sampling = {k: v if v is not None else defaults[k] for k, v in given.items()}
     model = load_model(config, args.ckpt).eval()
-    factor = vae_downsampling_factor(config)
     print(f"{sampling['sampler']}, {sampling['steps']} steps, guidance scale {sampling['scale']:g}, "
           f"seeds 0-{args.seeds - 1}")
     seeds = list(range(args.seeds))
     with torch.no_grad():
-        generate = quality.pipeline_generator(model, factor=factor, **sampling)
+        generate = quality.pipeline_generator(model, **sampling)
         report = quality.evaluate(generate, seeds=seeds)
         print(quality.format_table(report))
         ok = report.color_accuracy >= quality.COLOR_TARGET and report.shape_accuracy >= quality.SHAPE_TARGET
@@ -76,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             print("\nheld-out prompts (not held to the targets):")
             print(quality.format_table(quality.evaluate(generate, prompts=quality.HELDOUT_PROMPTS, seeds=seeds)))
         if not args.no_img2img:
-            rate = quality.img2img_recolor_rate(model, factor=factor, seeds=range(max(args.seeds, 10)), **sampling)
+            rate = quality.img2img_recolor_rate(model, seeds=range(max(args.seeds, 10)), **sampling)
             print(f"img2img red circle -> 'a blue circle' (strength 0.8): {rate:.0%} blue "
                   f"(target {quality.RECOLOR_TARGET:.0%})")
             ok = ok and rate >= quality.RECOLOR_TARGET

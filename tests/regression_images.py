@@ -89,7 +89,7 @@ def inputs(folder: str) -> dict[str, str]:
     from safetensors.torch import save_file
 
     from ldm.checkpoint import build_model_on_meta, load_config
-    from ldm.data.shapes import ShapeSpec, render
+    from ldm.demo.shapes import ShapeSpec, render
     from tests.conftest import randomized_state_dict
 
     root = Path(folder)

@@ -1,13 +1,13 @@
-"""The procedural shapes data set and the pixel classifier of the quality check (ldm.data, ldm.quality)."""
+"""The procedural shapes data set and the pixel classifier of the quality check (ldm.demo.shapes, ldm.demo.quality)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ldm.data import COLORS, SHAPES, SIZES, ShapesDataModule, ShapesDataset, ShapeSpec, caption_for, render
+from ldm.demo.shapes import COLORS, SHAPES, SIZES, ShapesDataModule, ShapesDataset, ShapeSpec, caption_for, render
 from ldm.errors import SdgenError
-from ldm.quality import classify, nearest_color, prompt_target, shape_from_features
+from ldm.demo.quality import classify, nearest_color, prompt_target, shape_from_features
 
 
 def as_uint8(item: dict) -> np.ndarray:
@@ -101,7 +101,7 @@ def test_classifier_edge_cases():
 
 
 def test_connected_components_are_4_connected_in_raster_order():
-    from ldm.quality import _largest_component, label_components
+    from ldm.demo.quality import _largest_component, label_components
 
     mask = np.array([
         [1, 1, 0, 0, 0],

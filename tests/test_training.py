@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 
 from ldm.checkpoint import load_config, load_model, read_state_dict
 from ldm.cli.app import app
-from ldm.lr_scheduler import LambdaLinearScheduler
+from ldm.training.lr_scheduler import LambdaLinearScheduler
 
 REPO = Path(__file__).resolve().parent.parent
 
 TINY_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
                  "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-TINY_DATA = {"target": "ldm.data.shapes.ShapesDataModule",
+TINY_DATA = {"target": "ldm.demo.shapes.ShapesDataModule",
              "params": {"batch_size": 2, "train": {"length": 64, "resolution": 32, "seed": 0}}}
 
 
@@ -28,7 +28,7 @@ def ae_config() -> dict:
     return copy.deepcopy({
         "model": {"base_learning_rate": 1.0e-3, "target": "ldm.models.autoencoder.AutoencoderKL",
                   "params": {"embed_dim": 4, "ddconfig": TINY_DDCONFIG,
-                             "lossconfig": {"target": "ldm.models.diffusion.training.ReconstructionKLLoss",
+                             "lossconfig": {"target": "ldm.training.trainers.ReconstructionKLLoss",
                                             "params": {"kl_weight": 1.0e-6}}}},
         "data": TINY_DATA,
         "training": {"crop_size": 16, "checkpoint_every_n_steps": 1, "ema_decay": 0.9},
@@ -195,7 +195,7 @@ def test_bad_configs_are_one_line_errors(tmp_path):
     cfg["model"]["target"] = "ldm.models.nonexistent.Autoencoder"
     assert_error(train("--base", write(tmp_path / "a.yaml", cfg), "--logdir", tmp_path), "not found")
     cfg = ae_config()
-    cfg["data"]["target"] = "ldm.data.shapes.NoSuchData"
+    cfg["data"]["target"] = "ldm.demo.shapes.NoSuchData"
     assert_error(train("--base", write(tmp_path / "b.yaml", cfg), "--logdir", tmp_path), "has no 'NoSuchData'")
     cfg = ae_config()
     cfg["model"]["base_learning_rate"] = "fast"
@@ -254,7 +254,7 @@ def test_lambda_linear_scheduler_matches_the_original_shape():
 
 
 def test_ema_update_rule():
-    from ldm.models.diffusion.training import Ema
+    from ldm.training.trainers import Ema
 
     p = torch.nn.Parameter(torch.zeros(3))
     ema = Ema([("w", p)], decay=0.5)
@@ -271,8 +271,8 @@ def test_cached_latents_equal_the_encoders_and_skip_it(trained):
     with the same random state the latents equal those of the uncached path (encode().sample())."""
     from torch.utils.data import default_collate
 
-    from ldm.data.shapes import ShapesDataset
-    from ldm.models.diffusion.training import LatentDiffusionTrainer
+    from ldm.demo.shapes import ShapesDataset
+    from ldm.training.trainers import LatentDiffusionTrainer
     from ldm.util import instantiate_from_config
 
     weights = trained / "logs/ae/weights/last.safetensors"
@@ -309,7 +309,7 @@ def test_cached_latents_equal_the_encoders_and_skip_it(trained):
 def test_min_snr_weights_give_min_snr_times_the_x0_error():
     """Min-SNR-gamma (Hang et al. 2023): whatever the network predicts (eps, v or x0), the weighted loss equals
     min(SNR, gamma) times the squared error of the x0 estimate that prediction implies."""
-    from ldm.models.diffusion.training import min_snr_weight
+    from ldm.training.trainers import min_snr_weight
 
     torch.manual_seed(0)
     gamma = 5.0

@@ -3,111 +3,61 @@
 The txt2img flags and defaults, plus the SLD settings: a preset (``--sld weak|medium|strong|max``, the
 Safe Stable Diffusion model card's values, default medium = the authors' pipeline defaults) or a settings
 file (``--sld-config PATH``), each field overridable by its flag, and the safety concept
-(``--safety-concept``, default the paper's list of inappropriate categories). SLD changes no weights: it
-works with any SD 1.x / 2.x checkpoint (eps or v).
+(``--safety-concept``, default the paper's list of inappropriate categories). SLD changes no weights and works on
+the guided denoiser of any model: SD 1.x / 2.x (eps or v), unCLIP and SDXL.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ldm.cli import options as o
-from ldm.cli.txt2img import report
-from ldm.sld_config import PRESET_NAMES, SLDParams, options_record, resolve_sld_params
-
-SLDPreset = Annotated[
-    Optional[str], typer.Option("--sld", show_default="medium",
-                                help="SLD preset: " + ", ".join(PRESET_NAMES))]
-SLDConfigPath = Annotated[
-    Optional[str], typer.Option("--sld-config", "--sld_config", show_default=False,
-                                help="SLD settings file (YAML: warmup_steps, guidance_scale, threshold, "
-                                "momentum_scale, momentum_beta, optional safety_concept); replaces --sld")]
-SLDGuidanceScale = Annotated[
-    Optional[float], typer.Option("--sld-guidance-scale", "--sld_guidance_scale", show_default="the preset's",
-                                  help="safety guidance scale s_S (>= 0; safety guidance is active above 1)")]
-SLDWarmupSteps = Annotated[
-    Optional[int], typer.Option("--sld-warmup-steps", "--sld_warmup_steps", show_default="the preset's",
-                                help="sampler steps before the safety guidance is applied")]
-SLDThreshold = Annotated[
-    Optional[float], typer.Option("--sld-threshold", "--sld_threshold", show_default="the preset's",
-                                  help="threshold lambda: elements where eps_prompt - eps_concept >= lambda get "
-                                  "no safety guidance")]
-SLDMomentumScale = Annotated[
-    Optional[float], typer.Option("--sld-momentum-scale", "--sld_momentum_scale", show_default="the preset's",
-                                  help="momentum scale s_m")]
-SLDMomentumBeta = Annotated[
-    Optional[float], typer.Option("--sld-momentum-beta", "--sld-mom-beta", "--sld_mom_beta",
-                                  show_default="the preset's", help="momentum beta in [0, 1)")]
-SafetyConcept = Annotated[
-    Optional[str], typer.Option("--safety-concept", "--safety_concept", show_default="the paper's categories",
-                                help="text describing the content to steer away from")]
+from ldm.defaults import COMMAND_DEFAULTS
+from ldm.sld_config import PRESET_NAMES, options_record, resolve_sld_params
 
 
-def sld_settings(
-    preset: Optional[str],
-    config_path: Optional[str],
-    **overrides: object,
-) -> tuple[str, SLDParams]:
-    """(source label, validated settings) from the SLD flags; raises SdgenError on bad input."""
-    params = resolve_sld_params(preset, config_path, **overrides)
-    if config_path is not None:
-        return str(config_path), params
-    return (preset or "medium").strip().lower(), params
+PRESET = COMMAND_DEFAULTS["safe-txt2img"]["sld_preset"]
 
 
-def safe_txt2img(
-    prompt_arg: o.PromptArg = None,
-    prompt: o.Prompt = None,
-    sld: SLDPreset = None,
-    sld_config: SLDConfigPath = None,
-    sld_guidance_scale: SLDGuidanceScale = None,
-    sld_warmup_steps: SLDWarmupSteps = None,
-    sld_threshold: SLDThreshold = None,
-    sld_momentum_scale: SLDMomentumScale = None,
-    sld_momentum_beta: SLDMomentumBeta = None,
-    safety_concept: SafetyConcept = None,
-    negative_prompt: o.NegativePrompt = "",
-    from_file: o.FromFile = None,
-    outdir: o.Outdir = "outputs/safe-txt2img-samples",
-    skip_grid: o.SkipGrid = False,
-    skip_save: o.SkipSave = False,
-    steps: o.ModelSteps = None,
-    plms: o.Plms = False,
-    dpm_solver: o.DpmSolver = False,
-    sampler: o.SafeSampler = None,
-    eta: o.Eta = 0.0,
-    n_iter: o.ModelNIter = None,
-    height: o.SDModelHeight = None,
-    width: o.SDModelWidth = None,
-    latent_channels: o.LatentChannels = 4,
-    factor: o.Factor = None,
-    n_samples: o.NSamples = 3,
-    n_rows: o.NRows = 0,
-    scale: o.SDModelScale = None,
-    seed: o.Seed = 42,
-    fixed_code: o.FixedCode = False,
-    config: o.Config = None,
-    ckpt: o.Ckpt = None,
-    precision: o.PrecisionOpt = o.Precision.autocast,
-    device: o.Device = "auto",
-    safety_checker: o.SafetyCheckerPath = None,
-    no_safety_checker: o.NoSafetyChecker = False,
-    no_watermark: o.NoWatermark = False,
-) -> None:
-    """Generate images from a text prompt with Safe Latent Diffusion guidance away from inappropriate content."""
-    flags = dict(locals())
-    from ldm.cli.run import execute
+def _sld(*names: str, help: str, kind: Any = Optional[float], shown: Any = "the preset's") -> tuple[Any, None]:
+    return Annotated[kind, typer.Option(*names, help=help, show_default=shown)], None
 
-    source, params = sld_settings(
-        sld,
-        sld_config,
-        guidance_scale=sld_guidance_scale,
-        warmup_steps=sld_warmup_steps,
-        threshold=sld_threshold,
-        momentum_scale=sld_momentum_scale,
-        momentum_beta=sld_momentum_beta,
-        safety_concept=safety_concept,
+
+SLD_FLAGS = {
+    "sld": _sld("--sld", kind=Optional[str], shown=PRESET, help="SLD preset: " + ", ".join(PRESET_NAMES)),
+    "sld_config": _sld("--sld-config", "--sld_config", kind=Optional[str], shown=False,
+                       help="SLD settings file (YAML: warmup_steps, guidance_scale, threshold, momentum_scale, "
+                       "momentum_beta, optional safety_concept); replaces --sld"),
+    "sld_guidance_scale": _sld("--sld-guidance-scale", "--sld_guidance_scale",
+                               help="safety guidance scale s_S (>= 0; safety guidance is active above 1)"),
+    "sld_warmup_steps": _sld("--sld-warmup-steps", "--sld_warmup_steps", kind=Optional[int],
+                             help="sampler steps before the safety guidance is applied"),
+    "sld_threshold": _sld("--sld-threshold", "--sld_threshold", help="threshold lambda: elements where "
+                          "eps_prompt - eps_concept >= lambda get no safety guidance"),
+    "sld_momentum_scale": _sld("--sld-momentum-scale", "--sld_momentum_scale", help="momentum scale s_m"),
+    "sld_momentum_beta": _sld("--sld-momentum-beta", "--sld-mom-beta", "--sld_mom_beta",
+                              help="momentum beta in [0, 1)"),
+    "safety_concept": _sld("--safety-concept", "--safety_concept", kind=Optional[str],
+                           shown="the paper's categories", help="text describing the content to steer away from"),
+}
+
+
+def options(given: dict[str, Any]):
+    """The run's options with the SLD settings resolved (preset or file, each field overridable)."""
+    sld = {name: given.pop(name) for name in SLD_FLAGS}
+    params = resolve_sld_params(
+        sld["sld"] if sld["sld"] is not None or sld["sld_config"] is not None else PRESET, sld["sld_config"], guidance_scale=sld["sld_guidance_scale"], warmup_steps=sld["sld_warmup_steps"],
+        threshold=sld["sld_threshold"], momentum_scale=sld["sld_momentum_scale"],
+        momentum_beta=sld["sld_momentum_beta"], safety_concept=sld["safety_concept"],
     )
-    report(execute(o.options_from_flags(o.GenerateOptions, "safe-txt2img", flags, sld=options_record(params, source))))
+    source = str(sld["sld_config"]) if sld["sld_config"] is not None else (sld["sld"] or PRESET).strip().lower()
+    return o.options_from_flags("safe-txt2img", given, sld=options_record(params, source))
+
+
+safe_txt2img = o.command(
+    "safe-txt2img", o.COMMON_FLAGS[:2] + tuple(SLD_FLAGS) + o.COMMON_FLAGS[2:] + o.SDXL_FLAGS,
+    "Generate images from a text prompt with Safe Latent Diffusion guidance away from inappropriate content.",
+    own=SLD_FLAGS, options=options,
+)

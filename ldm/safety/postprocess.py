@@ -1,7 +1,7 @@
 """What every generation command does to its decoded images: the safety checker and the invisible watermark.
 
 As the CompVis scripts (CV ``scripts/txt2img.py``): the checker runs on the decoded [0, 1] images and flagged
-ones become black (``ldm.pipelines.generate`` takes the checker); the watermark is embedded into each saved
+ones become black (:func:`ldm.generation.generate.generate` takes the checker); the watermark is embedded into each saved
 image, after the checker, and into the grid. :class:`OutputSafety` holds a run's choice of both.
 """
 

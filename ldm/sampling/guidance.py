@@ -65,3 +65,16 @@ class CFGDenoiser:
         cond_in = cat_conds([cond["uncond"], cond["cond"]])
         d_uncond, d_cond = self.denoiser(x_in, sigma_in, cond_in, **kwargs).chunk(2)
         return d_uncond + self.scale * (d_cond - d_uncond)
+
+
+class CFGGuidance:
+    """Plain classifier-free guidance as a guidance method of the generation loop: a :class:`CFGDenoiser` around
+    each stage's denoiser, no conditioning besides "cond" and "uncond" (the interface
+    :class:`ldm.sampling.sld.SLDGuidance` shares)."""
+
+    def guider(self, denoiser: DenoiserFn, scale: float, previous: Any = None) -> CFGDenoiser:
+        return CFGDenoiser(denoiser, scale)
+
+    def extra_cond(self, encode: Callable[[list[str]], Mapping[str, Any]], batch_size: int, scale: float) -> dict:
+        return {}
+

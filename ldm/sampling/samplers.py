@@ -2,16 +2,17 @@
 
 All share ``sample_NAME(denoiser, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, **options)``:
 
-- ``x`` (B, C, H, W) is the VE sampler variable at ``sigmas[0]`` (use :func:`initial_x` on unit VP noise);
-- ``sigmas`` is a descending grid (n + 1,) from :func:`sampler_sigmas` / :mod:`ldm.sampling.schedules`;
+- ``x`` (B, C, H, W) is the VE sampler variable at ``sigmas[0]`` (:func:`ldm.sampling.grids.initial_x` of unit VP
+  noise);
+- ``sigmas`` is a descending grid (n + 1,) from :mod:`ldm.sampling.grids`;
 - the denoiser is called as ``denoiser(x, sigma * ones(B), **extra_args)``, e.g. ``extra_args={"cond": ...}``;
 - ``callback(info)`` is called exactly once per step, after every denoiser evaluation of that step, with
   ``info = {"x", "i", "sigma", "sigma_next", "sigma_hat", "denoised"}`` (``x`` is the new state; stateful
   guiders such as SLD advance their step there);
 - ``noise_sampler(sigma, sigma_next) -> noise`` like x (:class:`ldm.sampling.noise.BatchedNoiseSampler`)
   is required only by the steps that add noise;
-- the result is the VE variable at ``sigmas[-1]``; :func:`final_latent` turns it into the latent the original
-  would decode (identity when the grid ends at 0).
+- the result is the VE variable at ``sigmas[-1]``; :func:`ldm.sampling.grids.final_latent` turns it into the
+  latent the original would decode (identity when the grid ends at 0).
 
 Each sampler reproduces its original: DDIM and PLMS (CV ``ldm/models/diffusion/ddim.py``, ``plms.py``) on the
 CompVis grid with integer t; DPM-Solver++(2M) (KD ``sample_dpmpp_2m``; on the CompVis time-uniform grid with
@@ -27,7 +28,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ldm.errors import SdgenError
-from ldm.sampling import schedules
 
 DenoiserFn = Callable[..., torch.Tensor]
 Callback = Callable[[dict], Any]
@@ -382,119 +382,6 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# grids
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GridInfo:
-    """A sigma grid family: what it reproduces and the denoiser time mode that goes with it."""
-
-    time_mode: str
-    description: str
-
-
-GRIDS: dict[str, GridInfo] = {
-    "ddim": GridInfo("integer", "CompVis DDIM/PLMS: t = range(0, N, N // S) + 1, ends at alphabar[0]"),
-    "dpm_solver": GridInfo("continuous", "CompVis --dpm_solver: time-uniform t in [1, 1/N], ends at alphabar[0]"),
-    "sgm": GridInfo("nearest", "SGM LegacyDDPMDiscretization: t = linspace(N-1, 0, S, endpoint=False), then 0"),
-    "sgm_legacy": GridInfo("nearest", "SGM 0.9 release: t = range(0, N, N // S) + 1, then 0"),
-    "karras": GridInfo("interpolate", "Karras et al. 2022 rho=7 between the table's sigma_min and sigma_max, then 0"),
-    "linspace_t": GridInfo("interpolate", "k-diffusion: t = linspace(N-1, 0, S) in log-sigma, then 0"),
-}
-
-# The grid each sampler's original uses: DDIM/PLMS on the CompVis grid; DPM-Solver++(2M) on CompVis
-# --dpm_solver's (time_uniform, continuous t; this reproduces CV txt2img --dpm_solver); Euler family on SGM's.
-DEFAULT_GRID: dict[str, str] = {
-    "ddim": "ddim",
-    "plms": "ddim",
-    "dpmpp_2m": "dpm_solver",
-    "euler": "sgm",
-    "euler_ancestral": "sgm",
-    "heun": "sgm",
-}
-
-
-def grid_sigmas(
-    grid: str, alphas_cumprod, steps: int, *, rho: float = 7.0, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Descending sigmas (steps + 1,) of grid ``grid`` (:data:`GRIDS`) for a training alphabar (N,).
-
-    float32 like the originals; ``dtype=torch.float64`` keeps the table values exact (the SGM grids are
-    defined by float32 operations and stay float32-valued). The CompVis DDIM grid has more than steps + 1
-    entries when steps does not divide N (original quirk).
-    """
-    if grid == "ddim":
-        return schedules.ddim_sigmas(alphas_cumprod, steps, dtype=dtype)
-    if grid == "dpm_solver":
-        return schedules.dpm_solver_sigmas(alphas_cumprod, steps, dtype=dtype)
-    if grid in ("sgm", "sgm_legacy"):
-        return schedules.sgm_grid(alphas_cumprod, steps, legacy_range=grid == "sgm_legacy").to(dtype)
-    if grid == "karras":
-        table = schedules.sigmas_from_alphas_cumprod(alphas_cumprod)
-        return schedules.karras_sigmas(steps, float(table[0]), float(table[-1]), rho, dtype=dtype)
-    if grid == "linspace_t":
-        return schedules.linspace_t_sigmas(alphas_cumprod, steps, dtype=dtype)
-    raise SdgenError(f"unknown sigma grid {grid!r} ({', '.join(GRIDS)})")
-
-
-def sampler_sigmas(name: str, alphas_cumprod, steps: int, grid: str | None = None, **options: Any) -> torch.Tensor:
-    """The grid sampler ``name`` uses in its original (:data:`DEFAULT_GRID`), or ``grid`` if given."""
-    if name not in SAMPLERS:
-        raise SdgenError(f"unknown sampler {name!r} ({', '.join(SAMPLERS)})")
-    return grid_sigmas(grid or DEFAULT_GRID[name], alphas_cumprod, steps, **options)
-
-
-def default_time_mode(name: str, grid: str | None = None) -> str:
-    """Denoiser time mode matching sampler ``name`` on ``grid`` (default grid if None)."""
-    return GRIDS[grid or DEFAULT_GRID[name]].time_mode
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# initial / final latent
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def initial_x(noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Unit VP noise x_T -> sampler input noise * sqrt(1 + sigmas[0]^2) (CompVis and SGM; not k-diffusion's
-    noise * sigma_max)."""
-    return schedules.vp_to_ve(noise, sigmas[0])
-
-
-def final_latent(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Sampler result at sigmas[-1] -> the latent the original decodes: x / sqrt(1 + sigmas[-1]^2)."""
-    if float(sigmas[-1]) == 0.0:
-        return x
-    return schedules.ve_to_vp(x, sigmas[-1])
-
-
-def sample(
-    name: str,
-    denoiser: DenoiserFn,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    **options: Any,
-) -> torch.Tensor:
-    """Run sampler ``name`` from unit VP noise on ``sigmas`` and return the latent to decode (VP)."""
-    if name not in SAMPLERS:
-        raise SdgenError(f"unknown sampler {name!r} ({', '.join(SAMPLERS)})")
-    x = SAMPLERS[name](
-        denoiser,
-        initial_x(noise, sigmas),
-        sigmas,
-        extra_args=extra_args,
-        callback=callback,
-        noise_sampler=noise_sampler,
-        **options,
-    )
-    return final_latent(x, sigmas)
-
-
 __all__ = [
     "sample_ddim",
     "sample_plms",
@@ -503,14 +390,6 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_heun",
     "SAMPLERS",
-    "GRIDS",
-    "DEFAULT_GRID",
-    "sample",
-    "sampler_sigmas",
-    "grid_sigmas",
-    "default_time_mode",
-    "initial_x",
-    "final_latent",
     "get_ancestral_step",
     "to_d",
 ]

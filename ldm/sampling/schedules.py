@@ -8,7 +8,7 @@ schedule into a descending tensor of sigmas:
 - the grids of the original samplers: the CompVis DDIM/PLMS grid, the CompVis DPM-Solver time-uniform grid,
   the SGM ``LegacyDDPMDiscretization`` (current and 0.9-release spacing), k-diffusion's linspace-in-t grid and
   Karras et al. sigmas,
-- img2img truncation (CompVis ``scripts/img2img.py`` and the SGM discretization wrappers),
+- img2img truncation (CompVis ``scripts/img2img.py`` and SGM's pruning of the grid),
 - the VP <-> VE conversions of the latent (``vp_to_ve`` / ``ve_to_vp``).
 
 Every grid is returned as a float32 tensor ``(n + 1,)``, descending, whose last entry is where sampling ends:
@@ -403,47 +403,14 @@ def compvis_stochastic_encode(z0: torch.Tensor, noise: torch.Tensor, sigma: floa
     return z0 * float(a.sqrt()) + noise * float((1 - a).sqrt())
 
 
-class Img2ImgDiscretizationWrapper:
-    """SGM img2img pruning: keep the ``max(int(strength * len), 1)`` lowest sigmas of ``discretization(...)``.
-
-    With the 0 appended by the discretization, 50 steps at strength 0.15 keep [sigma(119) ... sigma(19), 0]:
-    6 Euler steps from sigma(119) (SGM ``scripts/demo/discretization.py``; facts 4.7).
-    """
-
-    def __init__(self, discretization: Callable[..., torch.Tensor], strength: float = 1.0) -> None:
-        if not 0.0 <= strength <= 1.0:
-            raise SdgenError(f"strength must be in [0, 1], got {strength}")
-        self.discretization = discretization
-        self.strength = strength
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        ascending = torch.flip(self.discretization(*args, **kwargs), (0,))
-        ascending = ascending[: max(int(self.strength * len(ascending)), 1)]
-        return torch.flip(ascending, (0,))
-
-
-class Txt2NoisyDiscretizationWrapper:
-    """SGM base-model pruning for the refiner hand-over: drop the lowest sigmas, sample to a noisy latent.
-
-    ``steps = original_steps + 1`` (or the grid length), ``prune = max(min(int(strength * steps) - 1,
-    steps - 1), 0)``; the ascending grid keeps ``[prune:]``. 50 steps at strength 0.15: prune 6, the base
-    stops at sigma(119) = 0.38657 after 44 steps and returns a noisy latent (facts 4.7).
-    """
-
-    def __init__(
-        self, discretization: Callable[..., torch.Tensor], strength: float = 0.0, original_steps: int | None = None
-    ) -> None:
-        if not 0.0 <= strength <= 1.0:
-            raise SdgenError(f"strength must be in [0, 1], got {strength}")
-        self.discretization = discretization
-        self.strength = strength
-        self.original_steps = original_steps
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        ascending = torch.flip(self.discretization(*args, **kwargs), (0,))
-        steps = len(ascending) if self.original_steps is None else self.original_steps + 1
-        prune = max(min(int(self.strength * steps) - 1, steps - 1), 0)
-        return torch.flip(ascending[prune:], (0,))
+def sgm_img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """SGM img2img pruning (``Img2ImgDiscretizationWrapper``): the ``max(int(strength * len), 1)`` lowest entries
+    of a descending grid (its final 0 counted). 50 steps at strength 0.15 keep [sigma(119) ... sigma(19), 0]:
+    6 Euler steps from sigma(119) (SGM ``scripts/demo/discretization.py``; facts 4.7)."""
+    if not 0.0 <= strength <= 1.0:
+        raise SdgenError(f"strength must be in [0, 1], got {strength}")
+    ascending = torch.flip(sigmas, (0,))
+    return torch.flip(ascending[: max(int(strength * len(ascending)), 1)], (0,))
 
 
 def sgm_img2img_start(z: torch.Tensor, noise: torch.Tensor | None, sigma0: torch.Tensor) -> torch.Tensor:

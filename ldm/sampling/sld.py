@@ -203,8 +203,10 @@ class SLDGuidance:
         """``Key: value`` pairs for the PNG parameters of the images (see :func:`ldm.sld_config.png_settings`)."""
         return png_settings(self.params, self.source, self.enabled(scale))
 
-    def guider(self, denoiser: Callable[..., torch.Tensor], scale: float) -> SLDGuider:
-        """A fresh guider for one batch."""
+    def guider(self, denoiser: Callable[..., torch.Tensor], scale: float, previous: Any = None) -> SLDGuider:
+        """A fresh guider for one batch; ``previous``, the guider of the batch's previous stage (the SDXL base
+        before the refiner), hands over its step count and momentum, so warm-up and momentum run over the
+        whole grid."""
         if not self._announced and not self.enabled(scale):
             logger.warning(
                 "safety guidance is off: it needs an SLD guidance scale > 1 and a guidance scale > 1 "
@@ -213,7 +215,10 @@ class SLDGuidance:
                 scale,
             )
         self._announced = True
-        return SLDGuider(denoiser, scale, self.params)
+        guider = SLDGuider(denoiser, scale, self.params)
+        if isinstance(previous, SLDGuider):
+            guider.step, guider.momentum = previous.step, previous.momentum
+        return guider
 
     def extra_cond(self, encode: Callable[[list[str]], Mapping[str, Any]], batch_size: int, scale: float) -> dict:
         """``{"safety": encode([concept] * batch_size)}``, or {} when SLD is off (the concept is not evaluated)."""

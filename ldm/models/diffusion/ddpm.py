@@ -4,7 +4,7 @@ Inference counterpart of CV / SAI2 ``ldm/models/diffusion/ddpm.py`` (``DDPM`` + 
 constructor parameters (so the original yaml files instantiate), the same attribute names and therefore the same
 state_dict keys (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` and the DDPM
 schedule buffers ``betas``, ``alphas_cumprod``, ...). It is a plain :class:`torch.nn.Module`: no Lightning, no
-losses, no EMA. Training wraps it (``ldm.models.diffusion.training``); the training-only yaml parameters are
+losses, no EMA. Training wraps it (:mod:`ldm.training.trainers`); the training-only yaml parameters are
 accepted, kept in :attr:`LatentDiffusion.training_params` and otherwise ignored.
 """
 
@@ -308,6 +308,24 @@ class LatentDiffusion(nn.Module):
         z = 1.0 / self.scale_factor * z  # same operation order as CV ddpm.py
         out = self.first_stage_model.decode(z.to(module_dtype(self.first_stage_model)))
         return out.to(z.dtype)
+
+    # ---- sampling --------------------------------------------------------------------------------------------
+
+    def make_denoiser(self, grid: str):
+        """The sampler-facing ``D(x, sigma, cond) -> x0`` around :meth:`apply_model`: this model's
+        parameterization (eps / v) and the time mode that reproduces the originals on ``grid``
+        (:data:`ldm.sampling.grids.GRIDS`: integer t on the CompVis DDIM grid, continuous t for DPM-Solver ...)."""
+        from ldm.sampling.denoiser import Denoiser
+        from ldm.sampling.grids import time_mode
+
+        return Denoiser(self.apply_model, self.alphas_cumprod, parameterization=self.parameterization,
+                        time_mode=time_mode(grid))
+
+    def make_conditioner(self, inputs: Any = None):
+        """The text conditioner of SD 1.x / 2.x (:class:`ldm.models.diffusion.conditioners.TextConditioner`)."""
+        from ldm.models.diffusion.conditioners import TextConditioner
+
+        return TextConditioner(self)
 
     # ---- network ---------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm.defaults import FAMILY_DEFAULTS
 from ldm.errors import SdgenError
 from ldm.models.diffusion.ddpm import module_dtype
 from ldm.util import instantiate_from_config
@@ -44,26 +45,9 @@ TRAINING_PARAMS = frozenset({
     "monitor", "base_learning_rate",
 })
 
-#: Sampling defaults of the SGM demo (``scripts/demo/streamlit_helpers.py``: EulerEDM, LegacyDDPM discretization,
-#: cfg-scale 5.0, 50 steps, 1024 x 1024; facts.md 4.3-4.5). ``grid`` "sgm" is the evenly spaced grid ending at
-#: t = 999 that SGM uses since 2023-06-29 (commit e9869d7) and SDXL 1.0 ships with; the 0.9 release's
-#: ``range(0, 1000, 1000 // S) + 1`` grid (never starts at full noise, sigma_max 13.1 for 50 steps instead
-#: of 14.6) is "sgm_legacy".
-SDXL_SAMPLING_DEFAULTS: dict[str, Any] = {
-    "sampler": "euler",
-    "grid": "sgm",
-    "steps": 50,
-    "scale": 5.0,
-    "height": 1024,
-    "width": 1024,
-}
-
-#: The two SGM timestep grids: "sgm" (evenly spaced, ends at t = 999) and "sgm_legacy" (0.9 release).
-SDXL_GRIDS = ("sgm", "sgm_legacy")
-
 #: Aesthetic scores of the refiner's conditional / unconditional branch (SGM demo, diffusers img2img).
-AESTHETIC_SCORE = 6.0
-NEGATIVE_AESTHETIC_SCORE = 2.5
+AESTHETIC_SCORE = FAMILY_DEFAULTS["sdxl-refine"]["sdxl"]["aesthetic_score"]
+NEGATIVE_AESTHETIC_SCORE = FAMILY_DEFAULTS["sdxl-refine"]["sdxl"]["negative_aesthetic_score"]
 
 _WRAPPERS = ("OpenAIWrapper", "IdentityWrapper")
 
@@ -171,7 +155,8 @@ class DiffusionEngine(nn.Module):
         force_uc_zero_embeddings: conditioner input keys whose embeddings are zeros in the unconditional branch;
             None in the config means the SGM demo's choice: ``["txt"]`` (base) unless the conditioner takes an
             ``aesthetic_score`` (refiner: the negative prompt is encoded).
-        sampling_defaults: :data:`SDXL_SAMPLING_DEFAULTS`.
+
+    A config's ``sampling_defaults`` parameter is accepted and read by :mod:`ldm.defaults`, not here.
     """
 
     #: Buffers kept in float32 when the weights are loaded in float16 (read by ldm.checkpoint).
@@ -210,7 +195,6 @@ class DiffusionEngine(nn.Module):
         if force_uc_zero_embeddings is None:
             force_uc_zero_embeddings = [] if "aesthetic_score" in self.conditioner_input_keys else ["txt"]
         self.force_uc_zero_embeddings = list(force_uc_zero_embeddings)
-        self.sampling_defaults = {**SDXL_SAMPLING_DEFAULTS, **dict(sampling_defaults or {})}
 
     # ---- properties ------------------------------------------------------------------------------------------
 
@@ -256,29 +240,21 @@ class DiffusionEngine(nn.Module):
 
     # ---- sampling helpers ------------------------------------------------------------------------------------
 
-    def make_denoiser(self):
+    def make_denoiser(self, grid: str | None = None):
         """The sampler-facing ``D(x, sigma, cond) -> x0``: eps scaling, sigma quantised to the nearest table entry,
-        integer t for the UNet (SGM ``DiscreteDenoiser``)."""
+        integer t for the UNet (SGM ``DiscreteDenoiser``), on every grid."""
         return self.denoiser.bind(self.apply_model)
 
-    def get_sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
-        """Descending float32 sampling sigmas (steps + 1,) ending in 0 on the SGM grid ``grid``.
+    def make_conditioner(self, inputs: Any = None):
+        """Text plus ``inputs.micro``, the stage's size / crop / aesthetic conditioning
+        (:class:`ldm.models.diffusion.conditioners.SDXLConditioner`)."""
+        from ldm.models.diffusion.conditioners import SDXLConditioner
 
-        ``"sgm"`` (default): t = linspace(999, 0, steps, endpoint=False); ``"sgm_legacy"``: the 0.9 release's
-        range(0, 1000, 1000 // steps) + 1 (facts.md 4.2). Built from the config's discretization (same betas).
-        """
-        grid = grid or self.sampling_defaults["grid"]
-        if grid not in SDXL_GRIDS:
-            raise SdgenError(f"unknown SDXL sigma grid {grid!r} ({', '.join(SDXL_GRIDS)})")
-        if steps < 1:
-            raise SdgenError(f"the number of steps must be at least 1, got {steps}")
-        return self.discretization(legacy_range=grid == "sgm_legacy")(steps)
+        return SDXLConditioner(self, getattr(inputs, "micro", None))
 
-    def discretization(self, legacy_range: bool | None = None):
-        """The config's ``LegacyDDPMDiscretization`` (``legacy_range`` overrides the config's spacing)."""
+    def discretization(self):
+        """The config's ``LegacyDDPMDiscretization`` (the training schedule of the denoiser's sigma table)."""
         config = {"target": "ldm.sampling.schedules.LegacyDDPMDiscretization", **self._discretization_config}
-        if legacy_range is not None:
-            config["params"] = {**dict(config.get("params") or {}), "legacy_range": legacy_range}
         return instantiate_from_config(config)
 
     # ---- network ---------------------------------------------------------------------------------------------
@@ -315,7 +291,7 @@ class DiffusionEngine(nn.Module):
         """Conditioner batch (or a list of prompts, sized for the default 1024 x 1024) -> cond dict
         ``{"crossattn": (B, 77, D), "vector": (B, A)}``."""
         if not isinstance(c, Mapping):
-            d = self.sampling_defaults
+            d = FAMILY_DEFAULTS["txt2img"]["sdxl"]
             c = self.conditioning_batch(list(c), MicroConditioning.for_image(d["height"], d["width"]))
         return self.conditioner(c)
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ldm.errors import SdgenError
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.pipelines import GenerationRequest, ImageJob, TextConditioner
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -185,6 +184,15 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
         """The unconditional ADM vector of guidance: zeros like ``adm`` (SAI2 streamlit demo, diffusers)."""
         return torch.zeros_like(adm)
 
+    def make_conditioner(self, inputs: Any = None):
+        """Text plus the init images' embeddings (:class:`ldm.models.diffusion.conditioners.ImageVariationConditioning`)
+        from ``inputs.images`` and ``inputs.noise_level``."""
+        from ldm.models.diffusion.conditioners import ImageVariationConditioning
+
+        if inputs is None or not inputs.images:
+            raise SdgenError("image variations need at least one init image")
+        return ImageVariationConditioning(self, inputs.images, inputs.noise_level)
+
 
 # ------------------------------------------------------------------------------------------------------------
 # recognising unCLIP configs and checkpoints
@@ -216,10 +224,10 @@ def is_unclip_state_dict(keys: Sequence[str] | Mapping[str, Any]) -> bool:
 def unclip_config_for(state_dict: Mapping[str, Any]) -> str | None:
     """The bundled unCLIP config (path relative to the repository root) a checkpoint needs, or None.
 
-    From the keys (``ldm.checkpoint.guess_config``), else, for a copy without ``embedder.*`` and
+    From the keys (``ldm.model_files.guess_config``), else, for a copy without ``embedder.*`` and
     ``noise_augmentor.*``, from the UNet's ADM width (1536: -L, 2048: -H).
     """
-    from ldm.checkpoint import CONFIG_UNCLIP_H, CONFIG_UNCLIP_L, guess_config
+    from ldm.model_files import CONFIG_UNCLIP_H, CONFIG_UNCLIP_L, guess_config
 
     guess = guess_config(state_dict)
     if guess in (CONFIG_UNCLIP_L, CONFIG_UNCLIP_H):
@@ -344,7 +352,8 @@ def load_unclip_model(
         SdgenError: not an unCLIP config or checkpoint (the message names the files unCLIP needs), a missing
             image tower without ``embedder_ckpt``, unreadable statistics, or any strict-load mismatch.
     """
-    from ldm.checkpoint import assign_state_dict, build_model_on_meta, bundled_config, guess_config, read_state_dict
+    from ldm.checkpoint import assign_state_dict, build_model_on_meta, read_state_dict
+    from ldm.model_files import bundled_config, guess_config
 
     config_name = os.fspath(config) if isinstance(config, (str, os.PathLike)) else None
     node = _model_node(config) if config is not None else None
@@ -416,73 +425,6 @@ def missing_clip_stats_notice(model: ImageEmbeddingConditionedLatentDiffusion) -
     )
 
 
-# ------------------------------------------------------------------------------------------------------------
-# plugging image conditioning into ldm.pipelines.generate
-# ------------------------------------------------------------------------------------------------------------
-
-# splitmix64 increment: the embedding noise of an image comes from its own stream, distinct from its latent's
-_EMBEDDING_STREAM = 0x9E3779B97F4A7C15
-
-
-def embedding_noise_seed(seed: int) -> int:
-    """Seed of the generator an image's noise augmentation draws from: a fixed function of the image's seed.
-
-    The image's initial latent noise keeps the generator seeded ``seed`` (as in txt2img), so the two draws
-    are independent and both reproducible per image, in any batch.
-    """
-    return (int(seed) + _EMBEDDING_STREAM) % (1 << 64)
-
-
-class ImageVariationConditioning(TextConditioner):
-    """The conditioner of an image-variation run (``conditioner`` of :func:`ldm.pipelines.generate`).
-
-    Each batch gets the text conditioning of :class:`~ldm.pipelines.TextConditioner` (prompt; negative prompt
-    for the unconditional branch) plus the ADM ("vector") input: the batch's init-image embedding,
-    noise-augmented per image with one draw from :func:`embedding_noise_seed` of the image's seed, on the
-    conditional branch, and an all-zero vector on the unconditional one (SAI2 ``scripts/streamlit/stableunclip.py``).
-
-    Args:
-        model: the unCLIP model.
-        images: init images, each (3, H, W) in [-1, 1]; embedded once here.
-        noise_level: 0 .. ``model.max_noise_level - 1``.
-        image_of_batch: which init image a batch of jobs uses (default: ``jobs[0].batch % len(images)``, i.e.
-            one batch per init image in each iteration).
-    """
-
-    def __init__(
-        self,
-        model: ImageEmbeddingConditionedLatentDiffusion,
-        images: Sequence[torch.Tensor],
-        noise_level: int,
-        image_of_batch: Callable[[Sequence[ImageJob]], int] | None = None,
-    ) -> None:
-        super().__init__(model)
-        if not images:
-            raise SdgenError("image variations need at least one init image")
-        if not 0 <= int(noise_level) < model.max_noise_level:
-            raise SdgenError(f"noise level must be in 0..{model.max_noise_level - 1}, got {noise_level}")
-        self.noise_level = int(noise_level)
-        self.embeddings = [model.embed_images(image[None]) for image in images]
-        self.image_of_batch = image_of_batch or (lambda jobs: jobs[0].batch % len(self.embeddings))
-
-    def adm_vectors(self, jobs: Sequence[ImageJob]) -> torch.Tensor:
-        """The ADM vectors (len(jobs), 2D) of a batch: its init image's embedding, noise-augmented per image."""
-        embedding = self.embeddings[int(self.image_of_batch(jobs))].expand(len(jobs), -1)
-        noise = torch.stack([
-            torch.randn(embedding.shape[1], generator=torch.Generator().manual_seed(embedding_noise_seed(job.seed)))
-            for job in jobs
-        ])
-        return self.model.augment_embedding(embedding, self.noise_level, noise=noise)
-
-    def __call__(self, jobs: Sequence[ImageJob], request: GenerationRequest) -> dict[str, dict[str, Any]]:
-        cond = super().__call__(jobs, request)
-        adm = self.adm_vectors(jobs)
-        cond["cond"]["vector"] = adm
-        if "uncond" in cond:
-            cond["uncond"]["vector"] = self.model.unconditional_adm(adm)
-        return cond
-
-
 __all__ = [
     "ImageEmbeddingConditionedLatentDiffusion",
     "UNCLIP_FILES_HINT",
@@ -492,6 +434,4 @@ __all__ = [
     "read_clip_stats",
     "unclip_config_for",
     "missing_clip_stats_notice",
-    "embedding_noise_seed",
-    "ImageVariationConditioning",
 ]

@@ -1,4 +1,4 @@
-"""What a run leaves on disk: sample PNGs with their parameters, the grid, and the run manifest.
+"""What a run leaves on disk: sample PNGs with their parameters, the grid, and the run manifest (:class:`RunWriter`).
 
 Layout, as the CompVis scripts write it (CV ``scripts/txt2img.py``)::
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -28,6 +29,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import SdgenError
+
+logger = logging.getLogger(__name__)
 
 PARAMETERS_KEY = "parameters"
 MANIFEST_FORMAT = "sdgen-run"
@@ -277,20 +280,6 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def options_from_record(cls: type, data: Mapping[str, Any], outdir: str | None = None,
-                        device: str | None = None) -> Any:
-    """The options dataclass ``cls`` of a recorded run (a manifest's ``options``; unknown keys from other versions
-    are ignored), with the per-image prompts of the manifest and the output folder / device overridden when
-    given (for ``sdgen replay``)."""
-    known = {f.name for f in fields(cls)}
-    opts = cls(**{k: v for k, v in data["options"].items() if k in known})
-    if data.get("per_image_prompts"):
-        opts.prompt_list = list(data["prompts"])
-    opts.outdir = outdir or opts.outdir
-    opts.device = device or data.get("device", opts.device)
-    return opts
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -304,3 +293,85 @@ def png_pixels(path: str | os.PathLike) -> np.ndarray:
     """The decoded pixels of a PNG as an array (for comparisons)."""
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB")).copy()
+
+
+# ----------------------------------------------------------------------------- writing a run
+
+
+class RunInterrupted(SdgenError):
+    """Ctrl-C during a run, after the finished images were kept (exit code 130)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=130)
+
+
+@dataclass
+class RunResult:
+    """What a run wrote."""
+
+    outdir: Path
+    samples: list[Path]
+    grid: Optional[Path]
+    manifest: Path
+
+
+class RunWriter:
+    """Writes a run's images as they come: each sample PNG (watermarked, with its parameters) at once, its entry in
+    the manifest (rewritten atomically after every image, so an interrupted run keeps it), the grid last.
+
+    Args:
+        out: the output folder; ``header``: the manifest's description of the run.
+        safety: the run's :class:`ldm.safety.postprocess.OutputSafety` (checker verdicts, watermark).
+        settings: the PNG parameters line (``Key: value`` pairs, :func:`format_parameters`); ``per_image(job)``
+            adds an image's own entries; "Seed", "Batch size" and "Batch pos" are filled in per image.
+        batch_sizes: the size of each batch (by the jobs' ``batch``).
+    """
+
+    def __init__(self, out: OutputFolder, header: Mapping[str, Any], safety: Any, settings: Mapping[str, Any], *,
+                 batch_sizes: Mapping[int, int], skip_save: bool = False, skip_grid: bool = False, n_rows: int = 1,
+                 per_image: Optional[Callable[[Any], Mapping[str, Any]]] = None) -> None:
+        self.out, self.safety, self.settings = out, safety, dict(settings)
+        self.batch_sizes, self.skip_save, self.skip_grid, self.n_rows = dict(batch_sizes), skip_save, skip_grid, n_rows
+        self.per_image = per_image
+        self.manifest = RunManifest(out.manifest_path, {**header, "safety": safety.manifest()})
+        self.samples: list[Path] = []
+        self.grid_images: list[np.ndarray] = []
+        self.first_parameters: Optional[str] = None
+
+    def write(self, image: Any) -> None:
+        """Save one :class:`ldm.generation.generate.GeneratedImage` and record it in the manifest."""
+        job = image.job
+        parameters = format_parameters(job.prompt, job.negative_prompt, {
+            **self.settings, "Seed": job.seed, "Batch size": self.batch_sizes[job.batch], "Batch pos": job.position,
+            **(self.per_image(job) if self.per_image else {}), **self.safety.png_settings(image.flagged),
+        })
+        self.first_parameters = self.first_parameters or parameters
+        file, digest = None, None
+        if not self.skip_save:
+            path, digest = self.out.save_sample(self.safety.mark(image.pixels), parameters)
+            self.samples.append(path)
+            file = relative_to(path, self.out.root)
+        if image.flagged:
+            logger.warning("the safety checker flagged image %d (seed %d)%s; it is saved black",
+                           job.index, job.seed, f" ({file})" if file else "")
+        if not self.skip_grid:
+            self.grid_images.append(image.pixels)
+        self.manifest.add_image(ImageRecord(job.index, job.seed, job.prompt, file, digest))
+
+    def interrupted(self, total: int) -> RunInterrupted:
+        """Finish the manifest as "interrupted" and return the error to raise (the written images stay)."""
+        self.manifest.finish("interrupted")
+        return RunInterrupted(f"interrupted: kept {self.manifest.image_count} of {total} images in {self.out.root} "
+                              f"(manifest {self.out.manifest_path.name})")
+
+    def failed(self) -> None:
+        self.manifest.finish("failed")
+
+    def complete(self) -> RunResult:
+        """Write the grid (watermarked) and finish the manifest as "complete"."""
+        grid = None
+        if self.grid_images:
+            grid = self.out.save_grid(self.grid_images, self.n_rows, self.first_parameters, postprocess=self.safety.mark)
+        self.manifest.finish("complete", grid)
+        return RunResult(outdir=self.out.root, samples=self.samples, grid=grid, manifest=self.out.manifest_path)
+

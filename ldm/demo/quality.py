@@ -1,6 +1,6 @@
 """A measured quality check for the demo model: does a generated image show the prompt's color and shape?
 
-:func:`classify` is a small deterministic pixel classifier for images like those of :mod:`ldm.data.shapes` (one
+:func:`classify` is a small deterministic pixel classifier for images like those of :mod:`ldm.demo.shapes` (one
 flat shape on a flat background): the background color is the median of the pixels on a ring 2 px inside the
 border (the outermost pixels are ignored), the foreground the
 largest connected region of pixels far from it; its median color is matched to the nearest named color, and its
@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ldm.data.shapes import COLORS, SHAPES
+from ldm.demo.shapes import COLORS, SHAPES
 
 #: Prompts of the quality check: every shape, six colors, varied wording (with and without a background).
 QUALITY_PROMPTS: tuple[str, ...] = (
@@ -78,7 +78,7 @@ class Classification:
 
 
 def nearest_color(rgb: Sequence[float]) -> str:
-    """Name of the :data:`ldm.data.shapes.COLORS` entry nearest to ``rgb`` (0..255, Euclidean)."""
+    """Name of the :data:`ldm.demo.shapes.COLORS` entry nearest to ``rgb`` (0..255, Euclidean)."""
     names = list(COLORS)
     table = np.array([COLORS[n] for n in names], dtype=np.float64)
     return names[int(np.argmin(((table - np.asarray(rgb, dtype=np.float64)) ** 2).sum(axis=1)))]
@@ -206,22 +206,22 @@ def format_table(report: QualityReport) -> str:
 
 
 def pipeline_generator(model: Any, *, steps: int = 25, scale: float = 5.0, sampler: str = "ddim",
-                       size: int = 64, factor: int = 4,
-                       init_image: Any = None, strength: float = 0.8) -> Callable[[str, Sequence[int]], list]:
-    """``generate(prompt, seeds)`` for :func:`evaluate` through :func:`ldm.pipelines.generate` (one image per
-    seed, batched; txt2img, or img2img from ``init_image`` (3, H, W) in [-1, 1])."""
-    from ldm.pipelines import GenerationRequest, generate
+                       size: int = 64, init_image: Any = None,
+                       strength: float = 0.8) -> Callable[[str, Sequence[int]], list]:
+    """``generate(prompt, seeds)`` for :func:`evaluate` through :func:`ldm.generation.api.generate_images` (one
+    image per seed, batched; txt2img, or img2img from ``init_image`` (3, H, W) in [-1, 1])."""
+    from ldm.generation.api import generate_images
 
-    def request(prompt: str, seed: int, n: int) -> Any:
-        return GenerationRequest(batches=[[prompt] * n], sampler=sampler, steps=steps, scale=scale, height=size,
-                                 width=size, factor=factor, seed=seed, init_image=init_image, strength=strength,
-                                 precision="full")
+    def images(prompt: str, seed: int, n: int) -> list:
+        return [g.pixels for g in generate_images(model, prompt, n=n, seed=seed, sampler=sampler, steps=steps,
+                                                   scale=scale, height=size, width=size, init_image=init_image,
+                                                   strength=strength)]
 
     def run(prompt: str, seeds: Sequence[int]) -> list:
         seeds = [int(s) for s in seeds]
         if seeds == list(range(seeds[0], seeds[0] + len(seeds))):  # image i of a batch uses seed + i
-            return [g.pixels for g in generate(model, request(prompt, seeds[0], len(seeds)))]
-        return [g.pixels for s in seeds for g in generate(model, request(prompt, s, 1))]
+            return images(prompt, seeds[0], len(seeds))
+        return [pixels for s in seeds for pixels in images(prompt, s, 1)]
 
     return run
 
@@ -234,16 +234,16 @@ def red_circle_image(size: int = 64) -> Any:
     """The img2img check's input: a large red circle on a white background, (3, size, size) in [-1, 1]."""
     import torch
 
-    from ldm.data.shapes import ShapeSpec, render
+    from ldm.demo.shapes import ShapeSpec, render
 
     pixels = render(ShapeSpec("circle", "red", "large", "white", size / 2, size / 2, 0.6 * size), size)
     return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def img2img_recolor_rate(model: Any, *, seeds: Iterable[int] = range(10), steps: int = 25, scale: float = 5.0,
-                         strength: float = 0.8, factor: int = 4, size: int = 64, sampler: str = "ddim") -> float:
+                         strength: float = 0.8, size: int = 64, sampler: str = "ddim") -> float:
     """Fraction of seeds for which img2img from :func:`red_circle_image` with "a blue circle" gives a blue shape."""
-    run = pipeline_generator(model, steps=steps, scale=scale, sampler=sampler, factor=factor, size=size,
+    run = pipeline_generator(model, steps=steps, scale=scale, sampler=sampler, size=size,
                              init_image=red_circle_image(size), strength=strength)
     images = run(RECOLOR_PROMPT, list(seeds))
     return sum(classify(img).color == "blue" for img in images) / max(len(images), 1)

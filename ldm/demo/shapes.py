@@ -162,7 +162,7 @@ class ShapesDataset:
 class ShapesDataModule:
     """Train / validation :class:`ShapesDataset` pair with DataLoaders (a LightningDataModule-like object).
 
-    Kept free of Lightning so that importing :mod:`ldm.data` stays light; the training module wraps it.
+    Kept free of Lightning so that importing :mod:`ldm.demo.shapes` stays light; the training module wraps it.
     """
 
     def __init__(self, batch_size: int = 16, num_workers: int = 0, train: dict | None = None,

@@ -265,7 +265,7 @@ class LatentDiffusionTrainer(_TrainerBase):
     ``cache_latents`` keeps the frozen encoder's posterior (mean and log-variance, (2C, h, w) float32 per item)
     of every data set item it has seen, keyed by the batch's ``index`` entry, and draws a fresh latent from it
     each time (as the original's ``encode().sample()`` does): after the first epoch the encoder no longer runs.
-    It needs a data set whose items are the same on every epoch (such as :class:`ldm.data.shapes.ShapesDataset`)
+    It needs a data set whose items are the same on every epoch (such as :class:`ldm.demo.shapes.ShapesDataset`)
     and ``4 * 2C * h * w`` bytes per item (8 KiB for 16x16x4 latents).
     """
 

@@ -1,0 +1,128 @@
+"""The options of a generation run: what the command line (or a caller) asks for, before defaults.
+
+One dataclass serves every generation command; a field left None takes its default from :mod:`ldm.defaults`
+when the run is planned (:func:`ldm.generation.plan.plan_run`), which also validates it. The run manifest
+records the options with every default filled in, so ``sdgen replay`` runs the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+from ldm.errors import SdgenError
+
+#: Flag spellings of option fields, for messages.
+FLAGS = {
+    "grid": "--grid", "original_size": "--original-size", "crop_coords": "--crop-coords",
+    "target_size": "--target-size", "aesthetic_score": "--aesthetic-score",
+    "negative_aesthetic_score": "--negative-aesthetic-score", "steps": "--steps", "n_samples": "--n_samples",
+    "n_iter": "--n_iter", "latent_channels": "--C", "factor": "--f", "height": "--H", "width": "--W",
+}
+
+#: The SDXL micro-conditioning / grid options, refused for other models.
+SDXL_FIELDS = ("grid", "original_size", "crop_coords", "target_size", "aesthetic_score", "negative_aesthetic_score")
+
+
+@dataclass(kw_only=True)
+class GenerateOptions:
+    """Everything a generation run is made from; None means "the default" (:mod:`ldm.defaults`).
+
+    Attributes:
+        command: txt2img, img2img, safe-txt2img, unclip-variate or sdxl-refine.
+        prompt, negative_prompt: the prompt (None: the command's default) and the unconditional one.
+        from_file: a prompt file (one prompt per line, one image each per iteration); ``prompt_list`` (set by
+            ``sdgen replay``) replaces reading it again.
+        config, ckpt: model config and checkpoint (None: the original scripts' paths, or the demo model);
+            ``refiner_ckpt`` / ``refiner_config`` the SDXL refiner of ``sdxl-refine``.
+        init_img: img2img / SDEdit input image, or unCLIP's image or folder of images.
+        strength: img2img / SDEdit strength; ``high_noise_frac`` the base's share in a base -> refiner run.
+        sampler, steps, scale, eta, height, width, n_samples, n_iter, seed: as the original scripts' flags.
+        grid, original_size, crop_coords, target_size, aesthetic_score, negative_aesthetic_score: SDXL only
+            (sizes as "H,W" / "TOP,LEFT" strings).
+        s_churn, s_tmin, s_tmax, s_noise: Euler / Heun churn.
+        noise_level, clip_stats, embedder_ckpt: unCLIP.
+        sld: Safe Latent Diffusion settings (:func:`ldm.sld_config.options_record`), None for plain CFG.
+        safety_checker / no_safety_checker / watermark: output safety; precision / device: where and how.
+    """
+
+    command: str
+    prompt: Optional[str] = None
+    negative_prompt: str = ""
+    from_file: Optional[str] = None
+    prompt_list: Optional[list[str]] = field(default=None)
+    outdir: Optional[str] = None
+    skip_grid: bool = False
+    skip_save: bool = False
+    n_rows: int = 0
+    config: Optional[str] = None
+    ckpt: Optional[str] = None
+    refiner_ckpt: Optional[str] = None
+    refiner_config: Optional[str] = None
+    init_img: Optional[str] = None
+    strength: Optional[float] = None
+    high_noise_frac: Optional[float] = None
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    scale: Optional[float] = None
+    eta: float = 0.0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    latent_channels: int = 4
+    factor: Optional[int] = None
+    n_samples: Optional[int] = None
+    n_iter: Optional[int] = None
+    seed: Optional[int] = None
+    fixed_code: bool = False
+    grid: Optional[str] = None
+    original_size: Optional[str] = None
+    crop_coords: Optional[str] = None
+    target_size: Optional[str] = None
+    aesthetic_score: Optional[float] = None
+    negative_aesthetic_score: Optional[float] = None
+    s_churn: Optional[float] = None
+    s_tmin: Optional[float] = None
+    s_tmax: Optional[float] = None
+    s_noise: Optional[float] = None
+    noise_level: Optional[int] = None
+    clip_stats: Optional[str] = None
+    embedder_ckpt: Optional[str] = None
+    sld: Optional[dict[str, Any]] = None
+    precision: str = "autocast"
+    device: str = "auto"
+    safety_checker: Optional[str] = None
+    no_safety_checker: bool = False
+    watermark: bool = True
+
+    @property
+    def per_image_prompts(self) -> bool:
+        """Whether each prompt is one image per iteration (a prompt file or a replayed list) rather than one
+        prompt for the whole batch."""
+        return self.from_file is not None or self.prompt_list is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], **changes: Any) -> "GenerateOptions":
+        """Options from a manifest's ``options`` (keys of other versions ignored), with ``changes`` applied."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in dict(record).items() if k in known}
+        values.update(changes)
+        if "command" not in values:
+            raise SdgenError("the recorded options name no command")
+        return cls(**values)
+
+
+def parse_pair(flag: str, value: Optional[str]) -> Optional[tuple[int, int]]:
+    """``"1024,768"`` -> (1024, 768): two non-negative integers, height (or top) first as in SGM."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in str(value).replace(" ", ",").split(",") if p.strip()]
+    try:
+        pair = tuple(int(p) for p in parts)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 0:
+        raise SdgenError(f"{flag} takes two non-negative integers HEIGHT,WIDTH (or TOP,LEFT), got {value!r}")
+    return pair  # type: ignore[return-value]

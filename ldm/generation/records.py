@@ -1,0 +1,130 @@
+"""What a run records: the run manifest's header (everything ``sdgen replay`` needs) and the PNG parameters line
+(AUTOMATIC1111's ``Key: value`` format, facts.md section 13)."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ldm import __version__
+from ldm.generation.plan import ModelSpec, RunPlan
+from ldm.generation.stages import Stage, stage_summary
+from ldm.model_files import file_sha256
+
+SAMPLER_LABELS = {  # the names AUTOMATIC1111 writes in "Sampler: ..."
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "heun": "Heun",
+}
+
+
+def absolute(path: Optional[str]) -> Optional[str]:
+    """``path`` made absolute for the manifest (None stays None)."""
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
+def model_record(spec: ModelSpec, **extra: Any) -> dict[str, Any]:
+    """The manifest's description of a model: config and checkpoint paths and hashes."""
+    return {"config": str(spec.files.config), "config_sha256": file_sha256(spec.files.config),
+            "checkpoint": str(spec.files.checkpoint), "checkpoint_sha256": spec.sha256, "model_hash": spec.sha256[:10],
+            **extra}
+
+
+def recorded_options(plan: RunPlan) -> dict[str, Any]:
+    """The options as the manifest records them: every default filled in, the files as absolute paths, the models'
+    resolved configs and checkpoints, no prompt list (the manifest holds the prompts)."""
+    opts = plan.opts
+    main, last = plan.models[0], plan.models[-1]
+    changes: dict[str, Any] = {
+        "outdir": str(plan.out.root.resolve()), "from_file": absolute(opts.from_file),
+        "init_img": absolute(opts.init_img), "safety_checker": absolute(opts.safety_checker),
+        "clip_stats": absolute(opts.clip_stats), "embedder_ckpt": absolute(opts.embedder_ckpt), "prompt_list": None,
+    }
+    if last.role == "refiner":
+        changes.update(refiner_ckpt=str(last.files.checkpoint), refiner_config=str(last.files.config))
+    if main.role != "refiner":
+        changes.update(ckpt=str(main.files.checkpoint), config=str(main.files.config))
+    if opts.command == "sdxl-refine":
+        changes.update(height=plan.settings.height, width=plan.settings.width)
+    return replace(opts, **changes).to_dict()
+
+
+def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[str] = ()) -> dict[str, Any]:
+    """The run manifest's header: the command, versions, options, models, inputs, stages, prompts and seeds."""
+    opts, main = plan.opts, plan.models[0]
+    extra: dict[str, Any] = {}
+    if opts.clip_stats:
+        extra["clip_stats_sha256"] = file_sha256(opts.clip_stats)
+    if opts.embedder_ckpt:
+        extra["embedder_ckpt_sha256"] = file_sha256(opts.embedder_ckpt)
+    header: dict[str, Any] = {
+        "command": opts.command,
+        "versions": {"sdgen": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device": str(plan.device),
+        "options": recorded_options(plan),
+        "model": model_record(main, **extra),
+    }
+    if len(plan.models) > 1 or main.role == "refiner":
+        header["refiner"] = model_record(plan.models[-1])
+    if plan.conditioning_images:
+        header["init_images"] = [{"path": str(i.path.resolve()), "sha256": i.sha256} for i in plan.init_images]
+        header["init_image_of"] = [job.init_image for batch in plan.batches for job in batch]
+        header["noise_level"] = plan.settings.noise_level
+        header["notices"] = list(notices)
+    elif plan.init_images:
+        header["init_image"] = {"path": str(plan.init_images[0].path.resolve()), "sha256": plan.init_images[0].sha256}
+    header.update({
+        "settings": plan.settings.record(),
+        "stages": stage_summary(stages),
+        "prompts": plan.prompts,
+        "per_image_prompts": opts.per_image_prompts,
+        "sampler": plan.settings.sampler,
+        "steps": plan.settings.steps,
+        "size": [plan.settings.width, plan.settings.height],
+        "seeds": [job.seed for batch in plan.batches for job in batch],
+    })
+    return header
+
+
+def png_settings(plan: RunPlan, stages: Sequence[Stage], extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``Key: value`` line of the PNG parameters (A1111 order): the run's settings, then ``extra`` (e.g. the SLD
+    settings); the per-image keys (Seed, Batch size, Batch pos) are filled in by the writer. None values are left
+    out of the file."""
+    settings, main = plan.settings, plan.models[0]
+    refiners = [s for s in stages if getattr(s.model, "is_refiner", False)]
+    micro = getattr(stages[0].conditioner, "micro", None)
+    two_stage = len(plan.models) == 2
+    return {
+        "Steps": settings.steps,
+        "Sampler": SAMPLER_LABELS.get(settings.sampler, settings.sampler),
+        "CFG scale": settings.scale,
+        "Seed": None,
+        "Size": f"{settings.width}x{settings.height}",
+        "Model hash": main.sha256[:10],
+        "Model": main.files.checkpoint.stem,
+        "Denoising strength": settings.strength,
+        "Eta": settings.eta if settings.sampler == "ddim" else None,
+        "Noise level": settings.noise_level if plan.conditioning_images else None,
+        "Init image": None,
+        "Schedule": settings.grid if micro is not None else None,
+        "Refiner": f"{plan.models[-1].files.checkpoint.stem} [{plan.models[-1].sha256[:10]}]" if two_stage else None,
+        "Refiner switch at": settings.high_noise_frac if two_stage else None,
+        "Original size": "{},{}".format(*micro.original_size) if micro is not None else None,
+        "Crop": "{},{}".format(*micro.crop_coords) if micro is not None else None,
+        "Target size": ("{},{}".format(*micro.target_size)
+                        if micro is not None and not getattr(stages[0].model, "is_refiner", False) else None),
+        "Aesthetic score": (f"{settings.aesthetic_score}/{settings.negative_aesthetic_score}" if refiners else None),
+        "S churn": settings.s_churn or None,
+        **(extra or {}),
+        "Batch size": None,
+        "Batch pos": None,
+        "Precision": settings.precision,
+        "Version": f"sdgen {__version__}",
+    }

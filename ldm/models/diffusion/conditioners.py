@@ -1,0 +1,141 @@
+"""Conditioners: a batch of image jobs -> the guider's network inputs ``{"cond": dict, "uncond": dict}``.
+
+Each model builds its own (``model.make_conditioner(inputs)``), so the generation loop never asks which family it
+runs. A job is anything with ``prompt``, ``negative_prompt``, ``seed`` and ``init_image`` (the index of its init
+image); a cond dict holds the network inputs (``{"crossattn": (B, L, D), "vector": (B, A), ...}``).
+
+- :class:`TextConditioner` (SD 1.x / 2.x): the prompt through the text encoder; the unconditional branch of
+  classifier-free guidance encodes the negative prompt ("" as in the originals).
+- :class:`SDXLConditioner`: the SGM demo's cond / uncond with the size, crop and aesthetic micro-conditioning
+  (:meth:`ldm.models.diffusion.engine.DiffusionEngine.get_cond_uncond`).
+- :class:`ImageVariationConditioning` (Stable unCLIP): the text conditioning plus the ADM input, the job's init
+  image embedding noise-augmented per image on the conditional branch and zeros on the unconditional one.
+
+``encode(prompts)`` gives the cond dict of a list of prompts on the conditional branch: what a guidance method
+encodes its extra prompts with (the SLD safety concept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from ldm.errors import SdgenError
+
+
+class Job(Protocol):
+    prompt: str
+    negative_prompt: str
+    seed: int
+    init_image: int | None
+
+
+@dataclass(frozen=True)
+class ConditioningInputs:
+    """What a model's conditioner may need besides the prompts; each model takes what it uses.
+
+    Attributes:
+        micro: SDXL micro-conditioning (:class:`ldm.models.diffusion.engine.MicroConditioning`).
+        images: init images (3, H, W) in [-1, 1] an image-variation model embeds (by the jobs' ``init_image``).
+        noise_level: the unCLIP noise augmentation level of the image embeddings.
+    """
+
+    micro: Any = None
+    images: Sequence[torch.Tensor] = field(default_factory=tuple)
+    noise_level: int = 0
+
+
+class TextConditioner:
+    """SD 1.x / 2.x text conditioning through ``model.get_learned_conditioning`` (cond key "crossattn")."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """Prompts -> ``{"crossattn": (len(prompts), L, D)}``."""
+        return {"crossattn": self.model.get_learned_conditioning(list(prompts))}
+
+    def __call__(self, jobs: Sequence[Job], with_uncond: bool = True) -> dict[str, dict[str, Any]]:
+        """``{"cond": ..., "uncond": ...}`` of a batch; "uncond" only ``with_uncond`` (guidance scale != 1)."""
+        cond = {"cond": self.encode([job.prompt for job in jobs])}
+        if with_uncond:
+            cond["uncond"] = self.encode([job.negative_prompt for job in jobs])
+        return cond
+
+
+class SDXLConditioner:
+    """SDXL conditioning of one stage: text plus the stage's micro-conditioning (SGM demo ``get_batch``)."""
+
+    def __init__(self, model: Any, micro: Any) -> None:
+        if micro is None:
+            raise SdgenError("the SDXL conditioner needs the micro-conditioning (sizes, crop, aesthetic score)")
+        self.model = model
+        self.micro = micro
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """Prompts -> the conditional branch's ``{"crossattn": (B, 77, D), "vector": (B, A)}``."""
+        return self.model.conditioner(self.model.conditioning_batch(list(prompts), self.micro))
+
+    def __call__(self, jobs: Sequence[Job], with_uncond: bool = True) -> dict[str, dict[str, Any]]:
+        cond, uncond = self.model.get_cond_uncond([job.prompt for job in jobs],
+                                                  [job.negative_prompt for job in jobs], self.micro)
+        return {"cond": cond, "uncond": uncond} if with_uncond else {"cond": cond}
+
+
+# splitmix64 increment: the embedding noise of an image comes from its own stream, distinct from its latent's
+_EMBEDDING_STREAM = 0x9E3779B97F4A7C15
+
+
+def embedding_noise_seed(seed: int) -> int:
+    """Seed of the generator an image's noise augmentation draws from: a fixed function of the image's seed.
+
+    The image's initial latent noise keeps the generator seeded ``seed`` (as in txt2img), so the two draws
+    are independent and both reproducible per image, in any batch.
+    """
+    return (int(seed) + _EMBEDDING_STREAM) % (1 << 64)
+
+
+class ImageVariationConditioning(TextConditioner):
+    """The conditioner of an image-variation run (Stable unCLIP).
+
+    Each batch gets the text conditioning of :class:`TextConditioner` plus the ADM ("vector") input: the batch's
+    init-image embedding (``jobs[i].init_image``, the same for the whole batch), noise-augmented per image with
+    one draw from :func:`embedding_noise_seed` of the image's seed, on the conditional branch, and an all-zero
+    vector on the unconditional one (SAI2 ``scripts/streamlit/stableunclip.py``).
+
+    Args:
+        model: the unCLIP model (:class:`ldm.models.diffusion.unclip.ImageEmbeddingConditionedLatentDiffusion`).
+        images: init images, each (3, H, W) in [-1, 1]; embedded once here.
+        noise_level: 0 .. ``model.max_noise_level - 1``.
+    """
+
+    def __init__(self, model: Any, images: Sequence[torch.Tensor], noise_level: int) -> None:
+        super().__init__(model)
+        if not images:
+            raise SdgenError("image variations need at least one init image")
+        if not 0 <= int(noise_level) < model.max_noise_level:
+            raise SdgenError(f"noise level must be in 0..{model.max_noise_level - 1}, got {noise_level}")
+        self.noise_level = int(noise_level)
+        self.embeddings = [model.embed_images(image[None]) for image in images]
+
+    def adm_vectors(self, jobs: Sequence[Job]) -> torch.Tensor:
+        """The ADM vectors (len(jobs), 2D) of a batch: its init image's embedding, noise-augmented per image."""
+        images = {job.init_image for job in jobs}
+        if len(images) != 1 or None in images:
+            raise SdgenError(f"a batch of image variations needs one init image per batch, got {sorted(images)}")
+        embedding = self.embeddings[int(images.pop())].expand(len(jobs), -1)
+        noise = torch.stack([
+            torch.randn(embedding.shape[1], generator=torch.Generator().manual_seed(embedding_noise_seed(job.seed)))
+            for job in jobs
+        ])
+        return self.model.augment_embedding(embedding, self.noise_level, noise=noise)
+
+    def __call__(self, jobs: Sequence[Job], with_uncond: bool = True) -> dict[str, dict[str, Any]]:
+        cond = super().__call__(jobs, with_uncond)
+        adm = self.adm_vectors(jobs)
+        cond["cond"]["vector"] = adm
+        if "uncond" in cond:
+            cond["uncond"]["vector"] = self.model.unconditional_adm(adm)
+        return cond

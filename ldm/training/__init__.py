@@ -1,0 +1,1 @@
+"""Training: Lightning trainers, losses, EMA, learning-rate schedules and the training-config schema."""
