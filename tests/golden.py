@@ -75,3 +75,15 @@ def sub_state_dict(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 def released_manifest(name: str) -> dict:
     """A released file's key/shape manifest (tests/data/manifests/NAME.json)."""
     return json.loads((MANIFESTS / f"{name}.json").read_text())
+
+
+def sample(name: str, denoiser, noise: torch.Tensor, sigmas: torch.Tensor, *, extra_args=None, callback=None,
+           noise_sampler=None, **options) -> torch.Tensor:
+    """Run sampler ``name`` from unit VP noise on ``sigmas`` and return the latent to decode (VP), as the generation
+    loop does (:func:`ldm.generation.generate.generate`): the originals' initial scaling and final latent."""
+    from ldm.sampling.grids import final_latent, initial_x
+    from ldm.sampling.samplers import SAMPLERS
+
+    x = SAMPLERS[name](denoiser, initial_x(noise, sigmas), sigmas, extra_args=extra_args, callback=callback,
+                       noise_sampler=noise_sampler, **options)
+    return final_latent(x, sigmas)

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from ldm.checkpoint import load_config, load_model_config, read_pickle_checkpoint, read_state_dict
 from ldm.cli.app import app
-from ldm.cli.output import load_manifest
+from ldm.output import load_manifest
 from ldm.errors import SdgenError
 from ldm.files import looks_like, read_text_file, require_file
 from ldm.models.diffusion.unclip import read_clip_stats
-from ldm.pipelines import read_image
+from ldm.generation.images import read_image
 from ldm.safety.checker import load_safety_checker
 from ldm.sld_config import load_sld_config
 

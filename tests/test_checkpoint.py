@@ -18,23 +18,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm.checkpoint import (
+    assign_state_dict,
+    build_model_on_meta,
+    load_config,
+    load_model,
+    read_pickle_checkpoint,
+    read_state_dict,
+)
+from ldm.model_files import (
     CONFIG_SD1,
     CONFIG_SD2V,
     CONFIG_SDXL_BASE,
     CONFIG_SDXL_REFINER,
     CONFIG_UNCLIP_H,
     CONFIG_UNCLIP_L,
-    InertObject,
-    assign_state_dict,
-    build_model_on_meta,
     bundled_config,
     guess_config,
-    load_config,
-    load_model,
     model_hash,
-    read_pickle_checkpoint,
-    read_state_dict,
 )
+from ldm.checkpoint_reader import InertObject
 from ldm.errors import SdgenError
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from tests.golden import GOLDEN, released_manifest
@@ -88,7 +90,7 @@ def test_lightning_ckpt_loads_without_running_its_code(lightning_ckpt):
     # a fresh interpreter: reading the file must neither import Lightning / fsspec nor build their objects
     probe = (
         "import sys\n"
-        "from ldm.checkpoint import read_pickle_checkpoint, read_state_dict, InertObject\n"
+        "from ldm.checkpoint_reader import read_pickle_checkpoint, read_state_dict, InertObject\n"
         f"obj = read_pickle_checkpoint({str(path)!r})\n"
         "cb = obj['callbacks']\n"
         "cls = [k for k in cb if not isinstance(k, str)][0]\n"

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from ldm import pipelines
+from ldm.generation import run as run_engine
 from ldm.cli.app import app
-from ldm.cli.output import load_manifest, png_pixels, read_parameters
+from ldm.output import load_manifest, png_pixels, read_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -220,15 +220,15 @@ def test_replay_gives_identical_pixels(tmp_path, model_args):
 
 
 def test_interrupt_keeps_written_images(tmp_path, model_args, monkeypatch):
-    real_generate = pipelines.generate
+    real_generate = run_engine.generate
 
-    def interrupted(model, request, **kwargs):
-        for n, image in enumerate(real_generate(model, request, **kwargs)):
+    def interrupted(*args, **kwargs):
+        for n, image in enumerate(real_generate(*args, **kwargs)):
             if n == 2:  # Ctrl-C while the third batch runs
                 raise KeyboardInterrupt
             yield image
 
-    monkeypatch.setattr(pipelines, "generate", interrupted)
+    monkeypatch.setattr(run_engine, "generate", interrupted)
     out = tmp_path / "out"
     result = invoke("txt2img", *model_args, "--H", "16", "--W", "16", "--steps", "2", "--n_samples", "1",
                     "--n_iter", "4", "--outdir", out)

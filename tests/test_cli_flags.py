@@ -1,5 +1,5 @@
-"""The shared flag declarations (ldm.cli.options) as each generation command shows them: spellings and help
-text that state what the command really does."""
+"""The flag declarations of each generation command (ldm.cli.options): spellings, and help texts that state what
+the command really does, their defaults taken from the one defaults table (ldm.defaults)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import typer
 
 from ldm.checkpoint import load_config
 from ldm.cli.app import register
-from ldm.pipelines import latent_size_multiple, vae_downsampling_factor
+from ldm.defaults import describe
+from ldm.model_files import latent_size_multiple, vae_downsampling_factor
 
 COMMANDS = {
     "txt2img": "ldm.cli.txt2img:txt2img",
@@ -36,8 +37,8 @@ def params() -> dict[str, dict[str, object]]:
 
 
 def test_size_help_states_the_multiple_the_models_need(params):
-    """--H / --W must be multiples of VAE factor x UNet downsampling (what check_geometry enforces): 64 for
-    every SD 1.x / 2.x config, 32 for the SDXL base, 64 for the SDXL refiner."""
+    """--H / --W must be multiples of VAE factor x UNet downsampling (what the plan enforces): 64 for every
+    SD 1.x / 2.x config, 32 for the SDXL base, 64 for the SDXL refiner."""
     for config in SD_CONFIGS:
         cfg = load_config(config)
         assert (vae_downsampling_factor(cfg), latent_size_multiple(cfg)) == (8, 64), config
@@ -48,18 +49,16 @@ def test_size_help_states_the_multiple_the_models_need(params):
             text = params[command][side].help
             assert "of --f" not in text and "multiple of 8" not in text, (command, text)
             assert "a multiple of 64" in text and "VAE factor 8 x UNet downsampling 8" in text, (command, text)
-    for command in ("txt2img", "img2img"):
+    for command in ("txt2img", "img2img", "safe-txt2img"):
         assert "32 for the SDXL base" in params[command]["height"].help
     assert "refiner" in params["sdxl-refine"]["height"].help
 
 
 def test_sampler_help_fits_each_command(params):
-    for command in ("txt2img", "img2img"):  # an SDXL config takes the SGM demo's Euler
-        assert "default ddim, euler for SDXL" in params[command]["sampler"].help
-    for command in ("safe-txt2img", "unclip-variate"):  # SD 1.x / 2.x only
-        text = params[command]["sampler"].help
-        assert "SDXL" not in text and "euler for" not in text and "default ddim" in text, (command, text)
-        assert "--plms" in text
+    for command in ("txt2img", "img2img", "safe-txt2img"):  # an SDXL config takes the SGM demo's Euler
+        assert "default ddim; euler for SDXL; dpmpp_2m for the demo model" in params[command]["sampler"].help
+    text = params["unclip-variate"]["sampler"].help  # SD 2.x only
+    assert "SDXL" not in text and "demo" not in text and "default ddim" in text and "--plms" in text
     text = params["sdxl-refine"]["sampler"].help
     assert "default euler" in text and "--plms" not in text  # sdxl-refine has no --plms / --dpm_solver
     for command in COMMANDS:
@@ -69,3 +68,23 @@ def test_sampler_help_fits_each_command(params):
 def test_step_flag_spellings_are_the_same_in_every_command(params):
     for command in COMMANDS:
         assert set(params[command]["steps"].opts) == {"--steps", "--ddim_steps", "--ddim-steps"}, command
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_shown_defaults_come_from_the_defaults_table(params, command):
+    """Every flag whose default lives in ldm.defaults shows exactly the table's text: the help cannot drift."""
+    checked = 0
+    for field in ("steps", "scale", "n_iter", "n_samples", "seed", "outdir", "strength", "height"):
+        expected = describe(command, field)
+        if expected is None or field not in params[command]:
+            continue
+        shown = params[command][field].show_default
+        assert shown == expected or (isinstance(shown, str) and shown.startswith(expected)), (command, field, shown)
+        assert params[command][field].default is None  # unset: the plan fills it from the table
+        checked += 1
+    assert checked >= 5
+
+
+def test_demo_scale_in_the_help_is_the_demo_config_value(params):
+    demo_scale = load_config("configs/demo/shapes-ldm.yaml").sampling_defaults.scale
+    assert f"{demo_scale} for the demo model" in params["txt2img"]["scale"].show_default

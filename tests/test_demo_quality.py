@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ldm import pipelines, quality
+
+from ldm import model_files
 from ldm.checkpoint import build_model_on_meta, load_config, load_model
+from ldm.demo import quality
+from ldm.errors import SdgenError
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO / pipelines.DEMO_CONFIG
-DEMO_CKPT = REPO / pipelines.DEMO_CKPT
+DEMO_CONFIG = REPO / model_files.DEMO_CONFIG
+DEMO_CKPT = REPO / model_files.DEMO_CKPT
 STEPS = 15  # fewer than the demo's default 25: enough for these targets, and fast
 SEEDS = (0, 1)
 #: The demo config's sampler and guidance scale (what txt2img uses without flags).
@@ -65,11 +68,11 @@ def test_demo_files_are_small_safetensors():
 
 def test_fallback_uses_the_demo_model_and_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no models/ldm/stable-diffusion-v1/model.ckpt here (nor in the source tree)
-    files = pipelines.resolve_checkpoint(None, None)
+    files = model_files.resolve_checkpoint(None, None)
     assert files.checkpoint == DEMO_CKPT.resolve() and files.config == DEMO_CONFIG.resolve()
     # an explicit --ckpt that does not exist is still an error, never the demo
-    with pytest.raises(pipelines.SdgenError, match="checkpoint not found"):
-        pipelines.resolve_checkpoint("missing.ckpt", None)
+    with pytest.raises(SdgenError, match="checkpoint not found"):
+        model_files.resolve_checkpoint("missing.ckpt", None)
     # no --n_iter: the demo config's own default (one iteration) gives n_samples images
     result = sdgen(tmp_path, "txt2img", "--prompt", "a red circle on a white background", "--n_samples", "2",
                    "--steps", str(STEPS), "--outdir", str(tmp_path / "out"))

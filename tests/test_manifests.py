@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-from ldm.checkpoint import KNOWN_EXTRA_KEYS, build_model_on_meta, bundled_config, classify_keys
+from ldm.checkpoint import KNOWN_EXTRA_KEYS, build_model_on_meta, classify_keys
+from ldm.model_files import bundled_config
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from tests.golden import released_manifest
 

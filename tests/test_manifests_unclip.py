@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm.checkpoint import build_model_on_meta, guess_config
+from ldm.checkpoint import build_model_on_meta
+from ldm.model_files import guess_config
 from ldm.models.diffusion.unclip import ImageEmbeddingConditionedLatentDiffusion, is_unclip_config, is_unclip_state_dict
 from tests.golden import released_manifest
 

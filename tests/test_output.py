@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.cli.output import (
+from ldm.output import (
     ImageRecord,
     OutputFolder,
     RunManifest,

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from ldm.checkpoint import build_model_on_meta, load_config
 from ldm.cli.app import app
-from ldm.cli.output import load_manifest, png_pixels
+from ldm.output import load_manifest, png_pixels
 from tests.conftest import randomized_state_dict
 from tests.sdxl_tiny import SIZE, TINY_CONFIGS, write_tiny_checkpoint
 

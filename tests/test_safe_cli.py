@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from ldm.cli.app import register
-from ldm.cli.output import load_manifest, png_pixels, read_parameters
+from ldm.output import load_manifest, png_pixels, read_parameters
 from tests.safety_tiny import write_flag_all_checker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def test_bad_values_exit_2(flags: list[str], match: str) -> None:
 
 def test_missing_checker_weights(tmp_path: Path, model_args: list[str]) -> None:
     assert_error(invoke("txt2img", "x", *model_args, "--safety-checker", tmp_path / "absent.safetensors",
-                        "--outdir", tmp_path / "o"), "safety checker weights not found")
+                        "--outdir", tmp_path / "o"), "safety-checker file not found")
 
 
 # ----------------------------------------------------------------------------- end to end

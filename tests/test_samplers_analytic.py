@@ -26,11 +26,13 @@ import pytest
 import torch
 
 from ldm.errors import SdgenError
+from ldm.sampling import grids
 from ldm.sampling import samplers as smp
 from ldm.sampling import schedules
 from ldm.sampling.denoiser import Denoiser
 from ldm.sampling.guidance import CFGDenoiser
 from ldm.sampling.noise import BatchedNoiseSampler, image_seeds, initial_noise, make_generators
+from tests.golden import sample
 
 MU, S = 0.3, 0.8
 ACP = torch.tensor(schedules.alphas_cumprod_from_betas(schedules.make_beta_schedule("linear", 1000, 0.00085, 0.012)))
@@ -139,7 +141,7 @@ DETERMINISTIC = [
 
 @pytest.mark.parametrize("name,grid,steps,var_tol,path_tol", DETERMINISTIC)
 def test_deterministic_samplers_reach_the_data_distribution(name, grid, steps, var_tol, path_tol):
-    sigmas = smp.sampler_sigmas(name, ACP, steps, grid=grid).double()
+    sigmas = grids.sampler_sigmas(name, ACP, steps, grid=grid).double()
     z = quantile_points(20000)
     x0 = start(z, sigmas)
     out = smp.SAMPLERS[name](exact_denoiser, x0, sigmas)
@@ -150,7 +152,7 @@ def test_deterministic_samplers_reach_the_data_distribution(name, grid, steps, v
 
 
 def test_second_order_samplers_beat_first_order_ones():
-    sig = smp.sampler_sigmas("euler", ACP, 25, grid="karras").double()
+    sig = grids.sampler_sigmas("euler", ACP, 25, grid="karras").double()
     x0 = start(quantile_points(400), sig)
     errors = {
         name: float((smp.SAMPLERS[name](exact_denoiser, x0, sig) - exact_flow(x0, sig)).abs().max())
@@ -188,7 +190,7 @@ STOCHASTIC = [
 @pytest.mark.parametrize("name,grid,options,kind", STOCHASTIC)
 def test_stochastic_samplers_reach_the_data_distribution(name, grid, options, kind):
     steps = 500 if name != "heun" else 200
-    sigmas = smp.sampler_sigmas(name, ACP, steps, grid=grid).double()
+    sigmas = grids.sampler_sigmas(name, ACP, steps, grid=grid).double()
     z = quantile_points(32000)
     outs = []
     for seed in (0, 100):
@@ -205,7 +207,7 @@ def test_stochastic_samplers_reach_the_data_distribution(name, grid, options, ki
 
 
 def test_ddim_eta_is_euler_ancestral():
-    sigmas = smp.sampler_sigmas("ddim", ACP, 20).double()
+    sigmas = grids.sampler_sigmas("ddim", ACP, 20).double()
     x0 = start(quantile_points(400), sigmas)
     runs = []
     for name, opts in (("ddim", {"eta": 0.7}), ("euler_ancestral", {"eta": 0.7})):
@@ -219,8 +221,8 @@ def test_ddim_eta_is_euler_ancestral():
 def test_samplers_through_the_denoiser_class(parameterization, name):
     """eps / v networks with each sampler's default grid and time mode give the exact-denoiser trajectory."""
     steps = 50
-    sigmas = smp.sampler_sigmas(name, ACP, steps, dtype=torch.float64)
-    mode = smp.default_time_mode(name)
+    sigmas = grids.sampler_sigmas(name, ACP, steps, dtype=torch.float64)
+    mode = grids.default_time_mode(name)
     den = Denoiser(analytic_net(parameterization, mode), ACP, parameterization, mode)
 
     def reference(x, sigma, cond=None):
@@ -350,21 +352,21 @@ def noisy_start(steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("steps", [10, 7])
 def test_ddim_matches_the_compvis_equations(steps):
     x_t = noisy_start(steps)
-    sigmas = smp.sampler_sigmas("ddim", ACP, steps, dtype=torch.float64)
-    ours = smp.sample("ddim", model_denoiser("eps", "integer"), x_t, sigmas)
+    sigmas = grids.sampler_sigmas("ddim", ACP, steps, dtype=torch.float64)
+    ours = sample("ddim", model_denoiser("eps", "integer"), x_t, sigmas)
     assert torch.allclose(ours, compvis_ddim(x_t, steps), rtol=0, atol=1e-11)
 
 
 def test_ddim_v_matches_the_sai2_equations():
     x_t = noisy_start(10)
-    sigmas = smp.sampler_sigmas("ddim", ACP, 10, dtype=torch.float64)
-    ours = smp.sample("ddim", model_denoiser("v", "integer"), x_t, sigmas)
+    sigmas = grids.sampler_sigmas("ddim", ACP, 10, dtype=torch.float64)
+    ours = sample("ddim", model_denoiser("v", "integer"), x_t, sigmas)
     assert torch.allclose(ours, compvis_ddim(x_t, 10, v=True), rtol=0, atol=1e-11)
 
 
 def test_stochastic_ddim_matches_the_compvis_equations():
     x_t = noisy_start(10)
-    sigmas = smp.sampler_sigmas("ddim", ACP, 10, dtype=torch.float64)
+    sigmas = grids.sampler_sigmas("ddim", ACP, 10, dtype=torch.float64)
     draws = initial_noise((3, 4, 4), [7] * 10, dtype=torch.float64)  # one (3,4,4) draw per step
     per_step = [draws[i].expand(2, 3, 4, 4) for i in range(10)]
     calls = iter(range(10))
@@ -374,7 +376,7 @@ def test_stochastic_ddim_matches_the_compvis_equations():
         # CompVis adds sigma_t * z in VP space; in VE space that is z * sigma_t / sqrt(a_prev) = z * sigma_up
         return per_step[i]
 
-    ours = smp.sample("ddim", model_denoiser("eps", "integer"), x_t, sigmas, noise_sampler=noise_sampler, eta=1.0)
+    ours = sample("ddim", model_denoiser("eps", "integer"), x_t, sigmas, noise_sampler=noise_sampler, eta=1.0)
     assert torch.allclose(ours, compvis_ddim(x_t, 10, eta=1.0, noises=per_step), rtol=0, atol=1e-11)
 
 
@@ -388,18 +390,18 @@ def test_plms_matches_the_compvis_equations(steps):
         calls.append(float(sigma[0]))
         return den(x, sigma, cond)
 
-    sigmas = smp.sampler_sigmas("plms", ACP, steps, dtype=torch.float64)
-    ours = smp.sample("plms", counting, x_t, sigmas)
+    sigmas = grids.sampler_sigmas("plms", ACP, steps, dtype=torch.float64)
+    ours = sample("plms", counting, x_t, sigmas)
     assert torch.allclose(ours, compvis_plms(x_t, steps), rtol=0, atol=1e-11)
     assert len(calls) == steps + 1  # the first step evaluates twice
 
 
 def test_dpmpp_2m_matches_compvis_dpm_solver():
     x_t = noisy_start(10)
-    sigmas = smp.sampler_sigmas("dpmpp_2m", ACP, 10, dtype=torch.float64)
-    ours = smp.sample("dpmpp_2m", model_denoiser("eps", "continuous"), x_t, sigmas)
+    sigmas = grids.sampler_sigmas("dpmpp_2m", ACP, 10, dtype=torch.float64)
+    ours = sample("dpmpp_2m", model_denoiser("eps", "continuous"), x_t, sigmas)
     assert torch.allclose(ours, compvis_dpm_solver(x_t, 10), rtol=0, atol=1e-11)
-    without = smp.sample("dpmpp_2m", model_denoiser("eps", "continuous"), x_t, sigmas, lower_order_final=False)
+    without = sample("dpmpp_2m", model_denoiser("eps", "continuous"), x_t, sigmas, lower_order_final=False)
     assert not torch.allclose(without, compvis_dpm_solver(x_t, 10), rtol=0, atol=1e-6)
 
 
@@ -436,7 +438,7 @@ def test_callback_once_per_step_after_all_evaluations(name):
         events.append("D")
         return exact_denoiser(x, sigma)
 
-    sigmas = smp.sampler_sigmas(name, ACP, 6).double()
+    sigmas = grids.sampler_sigmas(name, ACP, 6).double()
     noise = BatchedNoiseSampler([0], (3,), dtype=torch.float64)
     smp.SAMPLERS[name](den, torch.ones(1, 3, dtype=torch.float64), sigmas, noise_sampler=noise,
                        callback=lambda info: events.append(info["i"]))
@@ -462,21 +464,21 @@ def test_per_image_noise_is_batch_independent():
 
 def test_initial_and_final_latent_conversions():
     noise = torch.randn(1, 4, 2, 2)
-    sig = smp.sampler_sigmas("euler", ACP, 10)
-    assert torch.allclose(smp.initial_x(noise, sig), noise * torch.sqrt(1 + sig[0] ** 2))
-    ddim = smp.sampler_sigmas("ddim", ACP, 10)
-    assert torch.allclose(smp.final_latent(noise, ddim), noise / math.sqrt(1 + float(ddim[-1]) ** 2))
-    assert torch.equal(smp.final_latent(noise, sig), noise)
+    sig = grids.sampler_sigmas("euler", ACP, 10)
+    assert torch.allclose(grids.initial_x(noise, sig), noise * torch.sqrt(1 + sig[0] ** 2))
+    ddim = grids.sampler_sigmas("ddim", ACP, 10)
+    assert torch.allclose(grids.final_latent(noise, ddim), noise / math.sqrt(1 + float(ddim[-1]) ** 2))
+    assert torch.equal(grids.final_latent(noise, sig), noise)
 
 
 def test_sampler_errors():
-    sig = smp.sampler_sigmas("ddim", ACP, 5).double()
+    sig = grids.sampler_sigmas("ddim", ACP, 5).double()
     x = torch.ones(1, 2, dtype=torch.float64)
     with pytest.raises(SdgenError):
         smp.sample_ddim(exact_denoiser, x, sig, eta=0.5)  # needs a noise sampler
     with pytest.raises(SdgenError):
         smp.sample_plms(exact_denoiser, x, sig, eta=0.5)
     with pytest.raises(SdgenError):
-        smp.sampler_sigmas("nope", ACP, 5)
+        grids.sampler_sigmas("nope", ACP, 5)
     with pytest.raises(SdgenError):
-        smp.sampler_sigmas("ddim", ACP, 501)
+        grids.sampler_sigmas("ddim", ACP, 501)

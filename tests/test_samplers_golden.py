@@ -18,12 +18,13 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.sampling import grids
 from ldm.sampling import samplers as smp
 from ldm.sampling import schedules
 from ldm.sampling.denoiser import Denoiser, DiscreteDenoiser
 from ldm.sampling.guidance import CFGDenoiser
 from ldm.util import instantiate_from_config
-from tests.golden import case_config, case_data, case_state_dict, sub_state_dict
+from tests.golden import case_config, case_data, case_state_dict, sample, sub_state_dict
 
 RTOL = 2e-6
 SCALE = 5.0
@@ -78,9 +79,9 @@ def text_cond(d) -> dict:
 def run(name: str, case: str, net: RecordingNet, steps: int, parameterization: str = "eps", cond=None, **options):
     d = case_data(case)
     acp = d["alphas_cumprod"]
-    sigmas = smp.sampler_sigmas(name, acp, steps)
-    den = CFGDenoiser(Denoiser(net, acp, parameterization, smp.default_time_mode(name)), SCALE)
-    return smp.sample(name, den, d["x_T"], sigmas, extra_args={"cond": cond or text_cond(d)}, **options)
+    sigmas = grids.sampler_sigmas(name, acp, steps)
+    den = CFGDenoiser(Denoiser(net, acp, parameterization, grids.default_time_mode(name)), SCALE)
+    return sample(name, den, d["x_T"], sigmas, extra_args={"cond": cond or text_cond(d)}, **options)
 
 
 @pytest.mark.parametrize("name,key,steps", [("ddim", "ddim10", 10), ("ddim", "ddim7", 7), ("plms", "plms10", 10)])
@@ -115,14 +116,14 @@ def test_sd1_dpm_solver(nets):
 def test_sd1_img2img(nets):
     d = case_data("sd1")
     acp = d["alphas_cumprod"]
-    sigmas = smp.sampler_sigmas("ddim", acp, 10)
+    sigmas = grids.sampler_sigmas("ddim", acp, 10)
     sigma_noise, run_sigmas = schedules.compvis_img2img_sigmas(sigmas, 0.5, 10)
     z_enc = schedules.compvis_stochastic_encode(d["img2img.z0"], d["img2img.noise"], sigma_noise)
     assert rel_err(z_enc, d["img2img.z_enc"]) < RTOL
     net = nets("sd1")
     den = CFGDenoiser(Denoiser(net, acp, "eps", "integer"), SCALE)
     x = smp.sample_ddim(den, schedules.vp_to_ve(z_enc, run_sigmas[0]), run_sigmas, extra_args={"cond": text_cond(d)})
-    out = smp.final_latent(x, run_sigmas)
+    out = grids.final_latent(x, run_sigmas)
     assert rel_err(out, d["img2img.out"]) < RTOL
     assert [int(t[0]) for t in net.times] == [401, 301, 201, 101, 1]
 
@@ -182,10 +183,10 @@ def test_sdxl_denoiser(nets, case):
 def test_sdxl_euler(nets, case, legacy):
     d = case_data(case)
     disc = schedules.LegacyDDPMDiscretization(legacy_range=legacy)
-    sigmas = smp.grid_sigmas("sgm_legacy" if legacy else "sgm", disc.alphas_cumprod, 10)
+    sigmas = grids.grid_sigmas("sgm_legacy" if legacy else "sgm", disc.alphas_cumprod, 10)
     assert torch.equal(sigmas, d["euler10.sigmas"])
     net = nets(case)
     den = CFGDenoiser(sgm_denoiser(case).bind(net), SCALE)
-    out = smp.sample("euler", den, d["x_T"], sigmas, extra_args={"cond": sdxl_cond(d)})
+    out = sample("euler", den, d["x_T"], sigmas, extra_args={"cond": sdxl_cond(d)})
     assert rel_err(out, d["euler10.out"]) < RTOL
     assert [int(t[0]) for t in net.times] == d["euler10.timesteps"].tolist()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ldm.errors import SdgenError
-from ldm.sampling import samplers, schedules
+from ldm.sampling import grids, schedules
 from tests.golden import case_data, case_state_dict
 
 SD_LINEAR = dict(linear_start=0.00085, linear_end=0.012)
@@ -97,7 +97,7 @@ def test_sgm_discretization_is_bit_exact(case, legacy):
     assert torch.equal(disc(10), d["euler10.sigmas"])
     assert torch.equal(torch.as_tensor(disc.timesteps(10)[::-1].copy()), d["euler10.timesteps"])
     grid = "sgm_legacy" if legacy else "sgm"
-    assert torch.equal(samplers.grid_sigmas(grid, disc.alphas_cumprod, 10), d["euler10.sigmas"])
+    assert torch.equal(grids.grid_sigmas(grid, disc.alphas_cumprod, 10), d["euler10.sigmas"])
 
 
 def test_sgm_discretization_spacings(acp64):
@@ -128,7 +128,7 @@ def test_sgm_legacy_grid_refuses_counts_that_reach_t_1000(acp64, steps):
         lambda n: schedules.sgm_timesteps(n, 1000, legacy_range=True),
         lambda n: schedules.sgm_grid(acp64, n, legacy_range=True),
         lambda n: schedules.LegacyDDPMDiscretization(legacy_range=True)(n),
-        lambda n: samplers.grid_sigmas("sgm_legacy", acp64, n),
+        lambda n: grids.grid_sigmas("sgm_legacy", acp64, n),
     )
     for build in builders:
         with pytest.raises(SdgenError, match=f"{steps} steps on the sgm_legacy grid .* t=1000") as info:
@@ -137,7 +137,7 @@ def test_sgm_legacy_grid_refuses_counts_that_reach_t_1000(acp64, steps):
     assert len(suggested) == 2
     for n in suggested:
         t = schedules.sgm_timesteps(n, 1000, legacy_range=True)
-        assert t[-1] <= 999 and len(samplers.grid_sigmas("sgm_legacy", acp64, n)) == len(t) + 1
+        assert t[-1] <= 999 and len(grids.grid_sigmas("sgm_legacy", acp64, n)) == len(t) + 1
     # the current SGM spacing ends at 999 for any count
     assert schedules.sgm_timesteps(steps, 1000)[-1] == 999
 
@@ -150,25 +150,25 @@ def test_sgm_legacy_grid_keeps_its_valid_counts(acp64):
     assert schedules.sgm_timesteps(1000, 1000, legacy_range=True).tolist() == list(range(1000))
 
 
-@pytest.mark.parametrize("grid", list(samplers.GRIDS))
+@pytest.mark.parametrize("grid", list(grids.GRIDS))
 @pytest.mark.parametrize("steps", [0, -1])
 def test_every_grid_refuses_fewer_than_one_step(acp64, grid, steps):
     with pytest.raises(SdgenError, match=f"got {steps}"):
-        samplers.grid_sigmas(grid, acp64, steps)
+        grids.grid_sigmas(grid, acp64, steps)
 
 
 def test_timestep_grids_refuse_more_steps_than_the_table(acp64):
     """The integer grids pick DDPM timesteps: at most N of them. The continuous ones may take more."""
     for grid in ("ddim", "sgm", "sgm_legacy"):
         with pytest.raises(SdgenError, match="1001"):
-            samplers.grid_sigmas(grid, acp64, 1001)
+            grids.grid_sigmas(grid, acp64, 1001)
     for legacy in (False, True):
         with pytest.raises(SdgenError, match="1001"):
             schedules.sgm_timesteps(1001, 1000, legacy_range=legacy)
         with pytest.raises(SdgenError, match="got 0"):
             schedules.sgm_timesteps(0, 1000, legacy_range=legacy)
     for grid in ("dpm_solver", "karras", "linspace_t"):
-        assert len(samplers.grid_sigmas(grid, acp64, 1200)) == 1201
+        assert len(grids.grid_sigmas(grid, acp64, 1200)) == 1201
 
 
 def test_karras_and_linspace_t(acp64):
@@ -229,20 +229,19 @@ def test_compvis_img2img_truncation_off_by_one():
     assert len(run0) == 1  # t_enc = 0: nothing to sample
 
 
-def test_sgm_refiner_wrappers():
+def test_sgm_img2img_pruning():
     disc = schedules.LegacyDDPMDiscretization()
     table = disc(1000, do_append_zero=False, flip=True)
-    base = schedules.Txt2NoisyDiscretizationWrapper(disc, strength=0.15, original_steps=50)(50)
-    assert len(base) == 45 and float(base[-1]) == float(table[119])  # 44 steps, stops at t = 119
-    assert float(base[-1]) == pytest.approx(0.38657, abs=1e-5)
-    refiner = schedules.Img2ImgDiscretizationWrapper(disc, strength=0.15)(50)
+    refiner = schedules.sgm_img2img_sigmas(disc(50), 0.15)  # the SGM refiner's img2img at strength 0.15
     assert torch.equal(refiner, torch.cat([table[[119, 99, 79, 59, 39, 19]], torch.zeros(1)]))
     # 0.9 release refiner: plain img2img at strength 0.3 on the legacy grid: 14 steps from t = 261
     legacy = schedules.LegacyDDPMDiscretization(legacy_range=True)
-    r09 = schedules.Img2ImgDiscretizationWrapper(legacy, strength=0.3)(50)
+    r09 = schedules.sgm_img2img_sigmas(legacy(50), 0.3)
     assert len(r09) == 15 and float(r09[0]) == float(table[261])
     assert float(r09[0]) == pytest.approx(0.7247, abs=1e-4)
-    assert torch.equal(schedules.Txt2NoisyDiscretizationWrapper(disc, strength=0.0)(10), disc(10))
+    assert torch.equal(grids.sdedit_sigmas(legacy(50), 0.3), r09)
+    with pytest.raises(SdgenError, match="leaves no denoising step"):
+        grids.sdedit_sigmas(disc(10), 0.1)
     z = torch.randn(1, 4, 2, 2)
     noise = torch.randn(1, 4, 2, 2)
     x = schedules.sgm_img2img_start(z, noise, r09[0])

@@ -8,23 +8,14 @@ import torch
 
 from ldm.checkpoint import build_model_on_meta
 from ldm.errors import SdgenError
-from ldm.models.diffusion.engine import (
-    SDXL_SAMPLING_DEFAULTS,
-    DiffusionEngine,
-    MicroConditioning,
-)
+from ldm.defaults import FAMILY_DEFAULTS
+from ldm.generation.generate import generate
+from ldm.generation.request import Settings, make_jobs
+from ldm.generation.stages import build_stages
+from ldm.models.diffusion.engine import DiffusionEngine, MicroConditioning
 from ldm.modules.diffusionmodules.util import timestep_embedding
-from ldm.pipelines import GenerationRequest
+from ldm.sampling.grids import grid_timesteps, handover_cutoff, sdedit_sigmas, split_sigmas
 from ldm.sampling.schedules import LegacyDDPMDiscretization
-from ldm.sdxl_pipeline import (
-    SDXLSettings,
-    generate_sdxl,
-    grid_timesteps,
-    handover_cutoff,
-    plan_stages,
-    sdedit_sigmas,
-    split_sigmas,
-)
 from tests.golden import released_manifest
 from tests.sdxl_tiny import SIZE, tiny_engine
 
@@ -42,14 +33,17 @@ def refiner() -> DiffusionEngine:
     return tiny_engine("refiner")
 
 
-def request(**kw) -> GenerationRequest:
-    defaults = dict(batches=[["a lighthouse at dusk"]], sampler="euler", steps=6, scale=5.0, height=SIZE,
-                    width=SIZE, factor=2, seed=42)
-    return GenerationRequest(**{**defaults, **kw})
+def settings(**kw) -> Settings:
+    return Settings(**{**dict(sampler="euler", steps=6, grid="sgm", scale=5.0, height=SIZE, width=SIZE, factor=2),
+                       **kw})
 
 
-def run(req, settings, **models) -> list[np.ndarray]:
-    return [img.pixels for img in generate_sdxl(req, settings, **models)]
+def run(values: Settings, models, n: int = 1, seed: int = 42, init=None) -> list[np.ndarray]:
+    """Generate ``n`` images with ``models`` (``[(role, model)]``) through the stages and the one loop."""
+    stages, start = build_stages(models, values)
+    jobs = make_jobs([["a lighthouse at dusk"] * n], 1, seed, init_images=[0 if init is not None else None])
+    return [img.pixels for img in generate(stages, jobs, values, start_sigma=start,
+                                           init_images=[init] if init is not None else ())]
 
 
 # ----------------------------------------------------------------------------- released layout (meta device)
@@ -96,8 +90,9 @@ def test_full_size_conditioning_widths_feed_the_unet(full_size, name, text_width
 
 
 def test_documented_sampling_defaults():
-    assert SDXL_SAMPLING_DEFAULTS == {"sampler": "euler", "grid": "sgm", "steps": 50, "scale": 5.0,
-                                      "height": 1024, "width": 1024}
+    sgm = {"sampler": "euler", "grid": "sgm", "steps": 50, "scale": 5.0, "height": 1024, "width": 1024,
+           "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
+    assert {k: FAMILY_DEFAULTS["txt2img"]["sdxl"][k] for k in sgm} == sgm
 
 
 # ----------------------------------------------------------------------------- conditioning layout
@@ -212,10 +207,9 @@ def test_sdedit_start_step(grid, start_t):
 
 def test_hand_over_continues_exactly_where_the_base_stopped(base):
     # a refiner that is the base itself: base -> "refiner" must equal the base alone, step for step
-    req = request(steps=6)
-    alone = run(req, SDXLSettings(), base=base)
-    split = run(req, SDXLSettings(high_noise_frac=0.5), base=base, refiner=base)
-    stages = plan_stages(req, SDXLSettings(high_noise_frac=0.5), base, base)
+    alone = run(settings(), [("base", base)])
+    split = run(settings(high_noise_frac=0.5), [("base", base), ("refiner", base)])
+    stages, _ = build_stages([("base", base), ("refiner", base)], settings(high_noise_frac=0.5))
     assert [s.steps for s in stages] == [3, 3] and stages[0].sigmas[-1] == stages[1].sigmas[0]
     np.testing.assert_array_equal(alone[0], split[0])
 
@@ -231,7 +225,7 @@ def test_two_stage_run_calls_each_model_on_its_own_sigmas(base, refiner):
 
         model.apply_model = spy
     try:
-        run(request(steps=6), SDXLSettings(high_noise_frac=0.5), base=base, refiner=refiner)
+        run(settings(high_noise_frac=0.5), [("base", base), ("refiner", refiner)])
     finally:
         del base.apply_model, refiner.apply_model
     assert calls == {"base": [999, 832, 666], "refiner": [499, 333, 166]}
@@ -239,12 +233,12 @@ def test_two_stage_run_calls_each_model_on_its_own_sigmas(base, refiner):
 
 def test_sdedit_run_starts_at_the_pruned_sigma_and_keeps_the_image(refiner):
     init = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    req = request(steps=10, init_image=init, strength=0.3)
-    stages = plan_stages(req, SDXLSettings(), refiner=refiner)
+    stages, start = build_stages([("refiner", refiner)], settings(steps=10, strength=0.3))
     # int(0.3 * 11) = 3 lowest of [0, sigma(99), sigma(199), ...]: 2 steps from t = 199
     assert stages[0].steps == 2 and int(grid_timesteps(stages[0].sigmas[:1], TABLE)) == 199
-    low = run(request(steps=10, init_image=init, strength=0.2), SDXLSettings(), refiner=refiner)[0]
-    high = run(request(steps=10, init_image=init, strength=1.0), SDXLSettings(), refiner=refiner)[0]
+    assert start == stages[0].sigmas[0]
+    low = run(settings(steps=10, strength=0.2), [("refiner", refiner)], init=init)[0]
+    high = run(settings(steps=10, strength=1.0), [("refiner", refiner)], init=init)[0]
     # a random VAE does not reconstruct the image, but less noise must stay closer to the plain decode
     decoded = refiner.decode_first_stage(refiner.encode(init[None], torch.Generator().manual_seed(0)))
     ref = (decoded[0].permute(1, 2, 0).clamp(-1, 1).numpy() + 1) * 127.5
@@ -255,10 +249,10 @@ def test_sdedit_run_starts_at_the_pruned_sigma_and_keeps_the_image(refiner):
 
 
 def test_determinism_per_seed(base, refiner):
-    settings = SDXLSettings(high_noise_frac=0.5)
-    pair = run(request(batches=[["a lighthouse at dusk"] * 2], seed=7), settings, base=base, refiner=refiner)
-    again = run(request(batches=[["a lighthouse at dusk"] * 2], seed=7), settings, base=base, refiner=refiner)
-    second_alone = run(request(seed=8), settings, base=base, refiner=refiner)
+    two = [("base", base), ("refiner", refiner)]
+    pair = run(settings(high_noise_frac=0.5), two, n=2, seed=7)
+    again = run(settings(high_noise_frac=0.5), two, n=2, seed=7)
+    second_alone = run(settings(high_noise_frac=0.5), two, seed=8)
     for a, b in zip(pair, again):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(pair[1], second_alone[0])  # image i of a batch = seed + i on its own
@@ -266,9 +260,9 @@ def test_determinism_per_seed(base, refiner):
 
 
 def test_churn_noise_comes_from_the_image_seed(base):
-    req = request(seed=3, sampler_options={"s_churn": 2.0})
-    a, b = run(req, SDXLSettings(), base=base)[0], run(req, SDXLSettings(), base=base)[0]
-    c = run(request(seed=3), SDXLSettings(), base=base)[0]
+    a = run(settings(s_churn=2.0), [("base", base)], seed=3)[0]
+    b = run(settings(s_churn=2.0), [("base", base)], seed=3)[0]
+    c = run(settings(), [("base", base)], seed=3)[0]
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -316,8 +310,9 @@ def test_vae_runs_outside_autocast(base):
 
 
 def test_reduced_precision_run_gives_finite_images(base, refiner):
-    images = run(request(precision="bf16"), SDXLSettings(high_noise_frac=0.5), base=base, refiner=refiner)
-    full = run(request(), SDXLSettings(high_noise_frac=0.5), base=base, refiner=refiner)
+    two = [("base", base), ("refiner", refiner)]
+    images = run(settings(precision="bf16", high_noise_frac=0.5), two)
+    full = run(settings(high_noise_frac=0.5), two)
     assert images[0].std() > 0 and np.abs(images[0].astype(int) - full[0].astype(int)).mean() < 20
 
 
@@ -330,13 +325,10 @@ def test_overflowing_decoder_output_is_reported(base, monkeypatch):
 # ----------------------------------------------------------------------------- planning errors
 
 
-def test_plan_refuses_inconsistent_model_combinations(base, refiner):
-    init = torch.zeros(3, SIZE, SIZE)
-    with pytest.raises(SdgenError, match="needs --high-noise-frac"):
-        plan_stages(request(), SDXLSettings(), base, refiner)
-    with pytest.raises(SdgenError, match="needs a refiner"):
-        plan_stages(request(), SDXLSettings(high_noise_frac=0.8), base)
-    with pytest.raises(SdgenError, match="exactly one model"):
-        plan_stages(request(init_image=init, strength=0.3), SDXLSettings(), base, refiner)
-    with pytest.raises(SdgenError, match="unknown SDXL timestep grid"):
-        plan_stages(request(), SDXLSettings(grid="karras"), base)
+def test_stages_refuse_inconsistent_model_combinations(base, refiner):
+    with pytest.raises(SdgenError, match="takes two models, --high-noise-frac"):
+        build_stages([("base", base), ("refiner", refiner)], settings())
+    with pytest.raises(SdgenError, match="takes two models, --high-noise-frac and no init image"):
+        build_stages([("base", base), ("refiner", refiner)], settings(high_noise_frac=0.5, strength=0.3))
+    with pytest.raises(SdgenError, match="unknown sigma grid"):
+        build_stages([("base", base)], settings(grid="nope"))

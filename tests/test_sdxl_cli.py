@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ldm.cli.app import register
-from ldm.cli.output import load_manifest, png_pixels, read_parameters
+from ldm.output import load_manifest, png_pixels, read_parameters
 from tests.safety_tiny import write_flag_all_checker
 from tests.sdxl_tiny import SIZE, TINY_CONFIGS, tiny_engine, write_tiny_checkpoint
 
@@ -160,7 +160,7 @@ def test_refiner_passed_as_base_is_detected_from_its_keys(tmp_path, files, commo
         (["--ckpt", "B", "--refiner-ckpt", "R", "--original-size", "1024"], "--original-size takes two"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--crop-coords", "a,b"], "--crop-coords takes two"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--H", "30"],
-         "--H 30 must be a multiple of 4 for these SDXL models (VAE factor 2 x UNet downsampling 2)"),
+         "--H 30 must be a multiple of 4 for this model (VAE factor 2 x UNet downsampling 2)"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--W", "0"], "--W must be a positive number of pixels, got 0"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--steps", "0"], "--steps must be at least 1"),
         (["--ckpt", "B", "--refiner-ckpt", "R", "--sampler", "nope"], "unknown sampler 'nope'"),
@@ -185,7 +185,9 @@ def test_steps_too_few_for_the_split_are_refused_before_loading(tmp_path, files,
     result = invoke("sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["refiner"], *common,
                     steps_flag, "2", "--high-noise-frac", "0.6", "--H", "32", "--W", "32", "--outdir", tmp_path)
     assert_error(result, "leaves the refiner no step")
-    result = invoke("sdxl-refine", "x", "--init-img", files["base"], "--refiner-ckpt", files["refiner"], *common,
+    init = tmp_path / "init.png"
+    Image.new("RGB", (SIZE, SIZE)).save(init)
+    result = invoke("sdxl-refine", "x", "--init-img", init, "--refiner-ckpt", files["refiner"], *common,
                     steps_flag, "2", "--strength", "0.5", "--outdir", tmp_path)
     assert_error(result, "leaves no denoising step")
 
@@ -199,7 +201,7 @@ def test_image_sides_must_fit_the_models_downsampling(tmp_path, files, common, m
     Image.new("RGB", (SIZE, SIZE)).save(init)
     result = invoke("sdxl-refine", "x", "--init-img", init, "--refiner-ckpt", files["refiner"], *common,
                     "--W", "18", "--outdir", tmp_path / "out")
-    assert_error(result, "--W 18 must be a multiple of 4 for these SDXL models (VAE factor 2 x UNet downsampling 2)")
+    assert_error(result, "--W 18 must be a multiple of 4 for this model (VAE factor 2 x UNet downsampling 2)")
 
 
 @pytest.mark.parametrize("steps", [3, 37, 600])
@@ -215,7 +217,9 @@ def test_legacy_grid_counts_past_the_table_are_refused_before_loading(tmp_path, 
     result = invoke("sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["refiner"], *common,
                     "--grid", "sgm_legacy", "--steps", steps, "--H", SIZE, "--W", SIZE, "--outdir", tmp_path)
     assert_error(result, expected)
-    result = invoke("sdxl-refine", "x", "--init-img", files["base"], "--refiner-ckpt", files["refiner"], *common,
+    init = tmp_path / "init.png"
+    Image.new("RGB", (SIZE, SIZE)).save(init)
+    result = invoke("sdxl-refine", "x", "--init-img", init, "--refiner-ckpt", files["refiner"], *common,
                     "--grid", "sgm_legacy", "--steps", steps, "--outdir", tmp_path)
     assert_error(result, expected)
 
@@ -250,14 +254,12 @@ def tiny_base():
     return tiny_engine("base")
 
 
-def library_images(base, **request) -> list[np.ndarray]:
-    """The library run (:func:`ldm.sdxl_pipeline.generate_sdxl` on the base) the command must reproduce."""
-    from ldm.pipelines import GenerationRequest
-    from ldm.sdxl_pipeline import SDXLSettings, generate_sdxl
+def library_images(base, n: int = 1, **settings) -> list[np.ndarray]:
+    """The library run (:func:`ldm.generation.api.generate_images` on the base) the command must reproduce."""
+    from ldm.generation.api import generate_images
 
-    settings = SDXLSettings(**request.pop("settings", {}))
-    defaults = dict(sampler="euler", steps=2, scale=5.0, height=SIZE, width=SIZE, factor=2, seed=42)
-    return [image.pixels for image in generate_sdxl(GenerationRequest(**{**defaults, **request}), settings, base=base)]
+    values = {**dict(sampler="euler", steps=2, scale=5.0, height=SIZE, width=SIZE, seed=42), **settings}
+    return [image.pixels for image in generate_images(base, "a lighthouse at dusk", n=n, **values)]
 
 
 def test_txt2img_with_an_sdxl_config_runs_the_sdxl_pipeline(tmp_path, files, tiny_base):
@@ -266,7 +268,7 @@ def test_txt2img_with_an_sdxl_config_runs_the_sdxl_pipeline(tmp_path, files, tin
                     "--device", "cpu", "--H", SIZE, "--W", SIZE, "--steps", 2, "--n_samples", 2, "--n_iter", 1,
                     "--outdir", out)
     assert result.exit_code == 0, (result.stderr, result.exception)
-    expected = library_images(tiny_base, batches=[["a lighthouse at dusk"] * 2])
+    expected = library_images(tiny_base, n=2)
     for got, want in zip(samples(out), expected, strict=True):
         np.testing.assert_array_equal(got, want)
     params = read_parameters(out / "samples" / "00001.png")  # no sampler / scale flag: the SGM demo's defaults
@@ -285,8 +287,7 @@ def test_txt2img_with_an_sdxl_config_runs_the_sdxl_pipeline(tmp_path, files, tin
                     "--original-size", "512,256", "--crop-coords", "8,4", "--grid", "sgm_legacy", "--outdir", flagged)
     assert result.exit_code == 0, (result.stderr, result.exception)
     settings = {"original_size": (512, 256), "crop_coords": (8, 4), "grid": "sgm_legacy"}
-    np.testing.assert_array_equal(samples(flagged)[0], library_images(tiny_base, batches=[["a lighthouse at dusk"]],
-                                                                        settings=settings)[0])
+    np.testing.assert_array_equal(samples(flagged)[0], library_images(tiny_base, **settings)[0])
     assert not np.array_equal(samples(flagged)[0], expected[0])
     params = read_parameters(flagged / "samples" / "00000.png")
     assert params["Original size"] == "512,256" and params["Crop"] == "8,4" and params["Schedule"] == "sgm_legacy"
@@ -303,7 +304,7 @@ def test_img2img_with_an_sdxl_config_is_sdedit(tmp_path, files, tiny_base):
                     "--outdir", out)
     assert result.exit_code == 0, (result.stderr, result.exception)
     image = torch.from_numpy(np.asarray(Image.open(init), dtype=np.float32) / 255.0).permute(2, 0, 1) * 2 - 1
-    expected = library_images(tiny_base, batches=[["a lighthouse at dusk"]], steps=4, init_image=image, strength=0.6)
+    expected = library_images(tiny_base, steps=4, init_image=image, strength=0.6)
     np.testing.assert_array_equal(samples(out)[0], expected[0])
     (stage,) = load_manifest(out / "run-0000.json")["stages"]
     # SGM pruning: the int(0.6 * 5) = 3 lowest of [sigma(t) for t = 999, 749, 499, 249] + [0]
@@ -313,8 +314,8 @@ def test_img2img_with_an_sdxl_config_is_sdedit(tmp_path, files, tiny_base):
 
 def test_model_family_defaults_fill_unset_flags(tmp_path, files, tiny_checkpoint, tiny_config):
     """Unset steps / sampler / scale / size take the family's defaults: SGM's for SDXL, CompVis's otherwise."""
-    from ldm.cli.options import GenerateOptions
-    from ldm.cli.run import plan_run
+    from ldm.generation.options import GenerateOptions
+    from ldm.generation.plan import plan_run
 
     def planned(command: str, config: Path, ckpt: Path, **kw) -> GenerateOptions:
         opts = GenerateOptions(command=command, config=str(config), ckpt=str(ckpt), device="cpu",
@@ -334,7 +335,7 @@ def test_model_family_defaults_fill_unset_flags(tmp_path, files, tiny_checkpoint
     assert (given.sampler, given.steps, given.scale, given.height, given.width) == ("heun", 3, 2.0, 64, 1024)
 
 
-def test_sdxl_flags_sld_and_short_schedules_are_refused_before_loading(tmp_path, files, tiny_checkpoint, tiny_config,
+def test_sdxl_flags_and_short_schedules_are_refused_before_loading(tmp_path, files, tiny_checkpoint, tiny_config,
                                                                  monkeypatch):
     import ldm.checkpoint
 
@@ -342,11 +343,6 @@ def test_sdxl_flags_sld_and_short_schedules_are_refused_before_loading(tmp_path,
     result = invoke("txt2img", "x", "--config", tiny_config, "--ckpt", tiny_checkpoint, "--H", 16, "--W", 16,
                     "--aesthetic-score", "7", "--crop-coords", "0,8", "--outdir", tmp_path)
     assert_error(result, "--crop-coords, --aesthetic-score apply to SDXL models only")
-    app = make_app()
-    register(app, "safe-txt2img", "ldm.cli.safe_txt2img:safe_txt2img")
-    result = CliRunner().invoke(app, ["safe-txt2img", "x", "--config", str(TINY_CONFIGS["base"]), "--ckpt",
-                                      str(files["base"]), "--H", "32", "--W", "32", "--outdir", str(tmp_path)])
-    assert_error(result, "Safe Latent Diffusion runs SD 1.x / 2.x models")
     init = tmp_path / "init.png"
     Image.new("RGB", (SIZE, SIZE)).save(init)
     result = invoke("img2img", "x", "--init-img", init, "--config", TINY_CONFIGS["base"], "--ckpt", files["base"],

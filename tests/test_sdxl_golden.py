@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import assign_state_dict, build_model_on_meta, load_config
 from ldm.models.diffusion.engine import DiffusionEngine, MicroConditioning
 from ldm.sampling.guidance import CFGDenoiser
-from ldm.sampling.samplers import sample
+from ldm.defaults import FAMILY_DEFAULTS
+from ldm.sampling.grids import grid_sigmas
+from tests.golden import sample
 from tests.golden import case_config, case_data, case_state_dict
 
 TINY = {"sdxl-base": "configs/tests/sdxl-base-tiny.yaml", "sdxl-refiner": "configs/tests/sdxl-refiner-tiny.yaml"}
@@ -98,7 +100,7 @@ def test_denoiser_equals_golden(golden):
 def test_euler10_grid_and_result_equal_golden(golden):
     case, engine, data = golden
     grid = "sgm_legacy" if case.endswith("081e0d4") else "sgm"
-    sigmas = engine.get_sigmas(10, grid)
+    sigmas = grid_sigmas(grid, engine.alphas_cumprod, 10)
     assert torch.equal(sigmas, data["euler10.sigmas"])
     table = engine.denoiser.sigmas
     idx = (sigmas[:-1, None] - table[None, :]).abs().argmin(dim=1)
@@ -113,9 +115,10 @@ def test_the_other_grid_gives_a_different_result():
     data = case_data("sdxl-base")
     engine = golden_engine("sdxl-base")
     legacy = case_data("sdxl-base-081e0d4")["euler10.sigmas"]
-    assert torch.equal(engine.get_sigmas(10, "sgm_legacy"), legacy)
-    assert not torch.equal(engine.get_sigmas(10, "sgm"), legacy)
-    assert engine.get_sigmas(10)[0] == data["euler10.sigmas"][0]  # the documented default is "sgm"
+    assert torch.equal(grid_sigmas("sgm_legacy", engine.alphas_cumprod, 10), legacy)
+    assert not torch.equal(grid_sigmas("sgm", engine.alphas_cumprod, 10), legacy)
+    assert FAMILY_DEFAULTS["txt2img"]["sdxl"]["grid"] == "sgm"  # the documented default
+    assert grid_sigmas("sgm", engine.alphas_cumprod, 10)[0] == data["euler10.sigmas"][0]
 
 
 def test_base_conditioning_vector_fourier_and_zero_uncond():

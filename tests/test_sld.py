@@ -334,7 +334,8 @@ def test_every_sampler_counts_sampler_steps(sampler: str) -> None:
     from ldm.sampling.denoiser import Denoiser
     from ldm.sampling.guidance import CFGDenoiser
     from ldm.sampling.noise import BatchedNoiseSampler, initial_noise
-    from ldm.sampling.samplers import default_time_mode, sample, sampler_sigmas
+    from ldm.sampling.grids import default_time_mode, sampler_sigmas
+    from tests.golden import sample
 
     ac = _alphas_cumprod()
     sigmas = sampler_sigmas(sampler, ac, 5)

@@ -334,7 +334,7 @@ def test_min_snr_weights_give_min_snr_times_the_x0_error():
 def test_demo_recipe_configs_validate_and_chain():
     """Each documented run of the demo recipe passes the config checks, and each run reads the previous one's
     output (models/demo/README.md)."""
-    from ldm.cli.train import load_training_config
+    from ldm.training.config import load_training_config
 
     demo = REPO / "configs/demo"
     runs = {

@@ -265,15 +265,13 @@ def test_non_unclip_inputs_get_a_clear_error(ckpts) -> None:
 
 def test_sd2v_generate_equals_sai2_ddim_v_written_out(ckpts) -> None:
     """generate() on a v-model equals SAI2's DDIM loop for v written out here (CFG on v, eta 0)."""
-    from ldm import pipelines
     from ldm.checkpoint import load_model
+    from ldm.generation.api import generate_images
     from ldm.sampling.schedules import ddim_timesteps
 
     model = load_model(str(SD2V_TINY), ckpts["sd2v"])
     assert model.parameterization == "v"
     steps, scale, seed = 10, 7.0, 3
-    request = pipelines.GenerationRequest(batches=[["a red cube"]], negative_prompt="blurry", steps=steps,
-                                          scale=scale, height=32, width=32, factor=2, seed=seed, precision="full")
     latents = []
 
     def decode(z: torch.Tensor) -> torch.Tensor:  # records the latent generate() decodes
@@ -282,7 +280,8 @@ def test_sd2v_generate_equals_sai2_ddim_v_written_out(ckpts) -> None:
 
     model.decode_first_stage = decode
     try:
-        next(iter(pipelines.generate(model, request)))
+        next(iter(generate_images(model, "a red cube", negative_prompt="blurry", steps=steps, scale=scale,
+                                  height=32, width=32, seed=seed)))
     finally:
         del model.decode_first_stage
 

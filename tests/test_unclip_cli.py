@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from ldm.checkpoint import build_model_on_meta, load_config
-from ldm.cli.output import png_pixels, read_parameters
-from ldm.cli.unclip_variate import UnclipOptions, execute_unclip, options_from_manifest
+from ldm.output import png_pixels, read_parameters
+from ldm.generation.run import execute, options_from_manifest
 from tests.conftest import randomized_state_dict
 from tests.safety_tiny import write_flag_all_checker
 
@@ -106,14 +106,12 @@ def test_run_writes_samples_grid_parameters_and_manifest(cli, files, tmp_path) -
 
 
 def test_defaults_are_the_streamlit_demos() -> None:
-    import inspect
+    from ldm.defaults import defaults_for
 
-    from ldm.cli.unclip_variate import unclip_variate
-
-    defaults = {k: v.default for k, v in inspect.signature(unclip_variate).parameters.items()}
+    defaults = defaults_for("unclip-variate", "sd")
     assert defaults["steps"] == 20 and defaults["scale"] == 10.0 and defaults["noise_level"] == 0
-    assert defaults["height"] == defaults["width"] == 768 and defaults["eta"] == 0.0
-    assert defaults["sampler"] is None and defaults["prompt"] is None  # DDIM, empty prompt
+    assert defaults["height"] == defaults["width"] == 768 and defaults["sampler"] == "ddim"
+    assert defaults["prompt"] == "" and defaults["n_samples"] == 2 and defaults["n_iter"] == 2
 
 
 def test_per_image_seeds_and_determinism(cli, files, tmp_path) -> None:
@@ -177,8 +175,8 @@ def test_replay_from_the_manifest(cli, files, tmp_path) -> None:
     assert cli(*_small(files, tmp_path / "out", "h", "--noise-level", 100)).exit_code == 0
     data = json.loads((tmp_path / "out" / "run-0000.json").read_text())
     opts, expect = options_from_manifest(data, outdir=str(tmp_path / "again"))
-    assert isinstance(opts, UnclipOptions) and opts.noise_level == 100
-    execute_unclip(opts, expect=expect)
+    assert opts.command == "unclip-variate" and opts.noise_level == 100
+    execute(opts, expect=expect)
     assert all(np.array_equal(x, y) for x, y in zip(_samples(tmp_path / "out"), _samples(tmp_path / "again")))
 
 

@@ -16,7 +16,8 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.unclip import ImageEmbeddingConditionedLatentDiffusion
 from ldm.sampling.denoiser import Denoiser
 from ldm.sampling.guidance import CFGDenoiser
-from ldm.sampling.samplers import default_time_mode, sample, sampler_sigmas
+from ldm.sampling.grids import default_time_mode, sampler_sigmas
+from tests.golden import sample
 from ldm.util import instantiate_from_config
 from tests.golden import case_config, case_data, case_state_dict
 
@@ -165,8 +166,10 @@ def test_sd2v_ddim10_differs_when_treated_as_eps(sd2v) -> None:
 def test_ddim10_through_generate_and_the_image_hook(unclip) -> None:
     """The whole library path of ``unclip-variate``: generate() + ImageVariationConditioning put the ADM vector
     on the conditional branch and zeros on the unconditional one; the final latent is the golden run's."""
-    from ldm import pipelines
-    from ldm.models.diffusion.unclip import ImageVariationConditioning
+    from ldm.generation.generate import generate
+    from ldm.generation.request import Settings, make_jobs
+    from ldm.generation.stages import Stage
+    from ldm.models.diffusion.conditioners import ImageVariationConditioning
 
     data = case_data("unclip-l")
     texts = {"golden cond": data["c"], "golden uncond": data["uc"]}
@@ -186,14 +189,15 @@ def test_ddim10_through_generate_and_the_image_hook(unclip) -> None:
         latents.append(z)
         return type(unclip).decode_first_stage(unclip, z)
 
-    request = pipelines.GenerationRequest(
-        batches=[["golden cond"]], negative_prompt="golden uncond", sampler="ddim", steps=10, scale=SCALE,
-        height=32, width=32, factor=2, seed=1, precision="full",  # seed 1 draws the golden x_T
-    )
+    settings = Settings(sampler="ddim", steps=10, grid="ddim", scale=SCALE, height=32, width=32, factor=2,
+                        precision="full")
+    jobs = make_jobs([["golden cond"]], 1, 1, negative_prompt="golden uncond", init_images=[0])  # seed 1: golden x_T
     conditioner = GoldenInputs(unclip, [torch.zeros(3, 32, 32)], noise_level=100)
+    stage = Stage("model", unclip, unclip.make_denoiser("ddim"), conditioner,
+                  sampler_sigmas("ddim", unclip.alphas_cumprod, 10))
     unclip.decode_first_stage = decode
     try:
-        images = list(pipelines.generate(unclip, request, conditioner=conditioner))
+        images = list(generate([stage], jobs, settings))
     finally:
         del unclip.decode_first_stage
     assert len(images) == 1 and len(latents) == 1

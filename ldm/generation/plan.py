@@ -113,7 +113,9 @@ def check_options(opts: GenerateOptions) -> None:
         value = getattr(opts, name)
         if value is None:
             continue
-        if value <= 0 or value % 8:
+        if opts.command == "sdxl-refine" and value <= 0:  # the SGM demo has no multiple-of-8 rule of its own
+            raise SdgenError(f"{FLAGS[name]} must be a positive number of pixels, got {value}")
+        if opts.command != "sdxl-refine" and (value <= 0 or value % 8):  # CompVis: f=8 latents
             raise SdgenError(f"{FLAGS[name]} must be a positive multiple of 8, got {value}")
         if opts.factor and value % opts.factor:
             raise SdgenError(f"{FLAGS[name]} {value} is not a multiple of --f {opts.factor}")
@@ -136,6 +138,9 @@ def check_options(opts: GenerateOptions) -> None:
     if opts.command == "img2img" and not opts.init_img:
         raise SdgenError("img2img needs an input image: pass --init-img PATH")
     if opts.command == "unclip-variate":
+        if not opts.init_img:
+            raise SdgenError("unclip-variate needs an input image: pass --init-img PATH (an image or a folder of "
+                             "images)")
         if opts.noise_level is not None and not 0 <= opts.noise_level <= 999:
             raise SdgenError(f"--noise-level must be in 0..999 (the augmentor's 1000 noise levels), "
                              f"got {opts.noise_level}")
@@ -380,7 +385,8 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
         raise SdgenError("--H and --W are needed without an init image")
     for flag, value in (("--H", height), ("--W", width)):
         if value % multiple:
-            raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for these models "
+            raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for "
+                             f"{'these models' if len(specs) > 1 else 'this model'} "
                              f"(VAE factor {factors[-1]} x UNet downsampling {multiple // factors[-1]})")
     settings = sampling_settings(opts, specs, height, width, factors[-1])
     plan_grids(settings, config_alphas_cumprod(specs[0].config), [spec.role for spec in specs])

@@ -60,10 +60,9 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
     """The run manifest's header: the command, versions, options, models, inputs, stages, prompts and seeds."""
     opts, main = plan.opts, plan.models[0]
     extra: dict[str, Any] = {}
-    if opts.clip_stats:
-        extra["clip_stats_sha256"] = file_sha256(opts.clip_stats)
-    if opts.embedder_ckpt:
-        extra["embedder_ckpt_sha256"] = file_sha256(opts.embedder_ckpt)
+    if main.kind == "unclip":
+        extra["clip_stats_sha256"] = file_sha256(opts.clip_stats) if opts.clip_stats else None
+        extra["embedder_ckpt_sha256"] = file_sha256(opts.embedder_ckpt) if opts.embedder_ckpt else None
     header: dict[str, Any] = {
         "command": opts.command,
         "versions": {"sdgen": __version__, "torch": torch.__version__, "python": platform.python_version()},
