@@ -94,7 +94,7 @@ def test_bundled_files_are_found_from_the_source_tree():
 
 def test_relative_paths_resolve_from_any_folder(tmp_path, monkeypatch):
     """A relative --config / --ckpt is tried in the working directory first, then among the bundled files."""
-    from ldm.pipelines import resolve_checkpoint
+    from ldm.model_files import resolve_checkpoint
 
     monkeypatch.chdir(tmp_path)
     files = resolve_checkpoint("models/demo/shapes-ldm.safetensors", "configs/demo/shapes-ldm.yaml")
