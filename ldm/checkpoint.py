@@ -26,13 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ldm.checkpoint_reader import (  # noqa: F401 (re-exported: the reading half of the loading API)
-    check_checkpoint_file,
-    is_safetensors,
-    read_pickle_checkpoint,
-    read_state_dict,
-    safetensors_header,
-)
+from ldm.checkpoint_reader import read_state_dict
 from ldm.errors import SdgenError
 from ldm.util import instantiate_from_config
 

@@ -14,7 +14,7 @@ of the timesteps) and the SGM 0.9 demo's refinement strength 0.3.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # CV scripts/txt2img.py
 

@@ -276,7 +276,7 @@ def guess_config(state_dict: Mapping[str, Any] | Iterable[str]) -> str | None:
 
 def checkpoint_keys(path: PathLike) -> list[str]:
     """The tensor names of a checkpoint; for .safetensors only the header is read."""
-    from ldm.checkpoint import is_safetensors, read_state_dict, safetensors_header
+    from ldm.checkpoint_reader import is_safetensors, read_state_dict, safetensors_header
     from ldm.files import require_file
 
     if is_safetensors(require_file(path, "checkpoint")):
@@ -363,7 +363,7 @@ def model_hash(path: PathLike, cache_dir: PathLike | None = None) -> str:
 
 def checkpoint_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of a checkpoint; for .safetensors only the header is read (pickles are memory-mapped)."""
-    from ldm.checkpoint import is_safetensors, read_state_dict, safetensors_header
+    from ldm.checkpoint_reader import is_safetensors, read_state_dict, safetensors_header
 
     if is_safetensors(path):
         return {k: tuple(v["shape"]) for k, v in safetensors_header(path).items() if k != "__metadata__"}

@@ -28,8 +28,14 @@ TARGET_ALIASES: dict[str, str] = {
     "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling": "ldm.sampling.denoiser.EpsScaling",
     "sgm.modules.diffusionmodules.denoiser_scaling.VScaling": "ldm.sampling.denoiser.VScaling",
     "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization": "ldm.sampling.schedules.LegacyDDPMDiscretization",
-    "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation": "ldm.modules.encoders.modules.CLIPEmbeddingNoiseAugmentation",
+    "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation":
+        "ldm.modules.encoders.image_embedders.CLIPEmbeddingNoiseAugmentation",
     "ldm.models.diffusion.ddpm.ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip.ImageEmbeddingConditionedLatentDiffusion",
+    "ldm.modules.encoders.modules.ClipImageEmbedder": "ldm.modules.encoders.image_embedders.ClipImageEmbedder",
+    "ldm.modules.encoders.modules.FrozenOpenCLIPImageEmbedder":
+        "ldm.modules.encoders.image_embedders.FrozenOpenCLIPImageEmbedder",
+    "ldm.modules.encoders.modules.CLIPEmbeddingNoiseAugmentation":
+        "ldm.modules.encoders.image_embedders.CLIPEmbeddingNoiseAugmentation",
     "ldm.lr_scheduler.LambdaLinearScheduler": "ldm.training.lr_scheduler.LambdaLinearScheduler",
     "ldm.lr_scheduler.LambdaWarmUpCosineScheduler": "ldm.training.lr_scheduler.LambdaWarmUpCosineScheduler",
 }

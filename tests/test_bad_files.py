@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ldm.checkpoint import load_config, load_model_config, read_pickle_checkpoint, read_state_dict
+from ldm.checkpoint import load_config, load_model_config
+from ldm.checkpoint_reader import read_pickle_checkpoint, read_state_dict
 from ldm.cli.app import app
 from ldm.output import load_manifest
 from ldm.errors import SdgenError

@@ -17,14 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.checkpoint import (
-    assign_state_dict,
-    build_model_on_meta,
-    load_config,
-    load_model,
-    read_pickle_checkpoint,
-    read_state_dict,
-)
+from ldm.checkpoint import assign_state_dict, build_model_on_meta, load_config, load_model
 from ldm.model_files import (
     CONFIG_SD1,
     CONFIG_SD2V,
@@ -36,7 +29,7 @@ from ldm.model_files import (
     guess_config,
     model_hash,
 )
-from ldm.checkpoint_reader import InertObject
+from ldm.checkpoint_reader import InertObject, read_pickle_checkpoint, read_state_dict
 from ldm.errors import SdgenError
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from tests.golden import GOLDEN, released_manifest

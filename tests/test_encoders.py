@@ -12,16 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from ldm.errors import SdgenError
-from ldm.modules.encoders.modules import (
-    ClipImageEmbedder,
-    CLIPEmbeddingNoiseAugmentation,
+from ldm.modules.encoders.image_embedders import (
     CLIP_MEAN,
     CLIP_STD,
-    FrozenCLIPEmbedder,
-    FrozenOpenCLIPEmbedder,
-    FrozenOpenCLIPEmbedder2,
+    ClipImageEmbedder,
+    CLIPEmbeddingNoiseAugmentation,
     FrozenOpenCLIPImageEmbedder,
 )
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
 from ldm.modules.encoders.tokenizer import tokenize_hf, tokenize_open_clip
 from tests.golden import case_config, case_data, case_state_dict, released_manifest, sub_state_dict
 

@@ -12,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from ldm.checkpoint import load_config, load_model, read_state_dict
+from ldm.checkpoint import load_config, load_model
+from ldm.checkpoint_reader import read_state_dict
 from ldm.cli.app import app
 from ldm.training.lr_scheduler import LambdaLinearScheduler
 

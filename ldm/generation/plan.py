@@ -212,7 +212,8 @@ def check_expectations(expect: Optional[Mapping[str, Any]], found: Mapping[str, 
 
 
 def _model(role: str, files: ModelFiles) -> ModelSpec:
-    from ldm.checkpoint import check_checkpoint_file, load_model_config
+    from ldm.checkpoint import load_model_config
+    from ldm.checkpoint_reader import check_checkpoint_file
 
     check_checkpoint_file(files.checkpoint)
     config = load_model_config(files.config)
@@ -243,7 +244,8 @@ def plan_models(opts: GenerateOptions) -> list[ModelSpec]:
 
 def _unclip_model(opts: GenerateOptions) -> ModelSpec:
     """The unCLIP model: its config given, or picked from the checkpoint's keys (unCLIP-L or -H)."""
-    from ldm.checkpoint import check_checkpoint_file, load_model_config
+    from ldm.checkpoint import load_model_config
+    from ldm.checkpoint_reader import check_checkpoint_file
     from ldm.model_files import checkpoint_shapes, guess_config
     from ldm.models.diffusion.unclip import UNCLIP_FILES_HINT, is_unclip_state_dict, unclip_config_for
 
@@ -391,7 +393,7 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
     settings = sampling_settings(opts, specs, height, width, factors[-1])
     plan_grids(settings, config_alphas_cumprod(specs[0].config), [spec.role for spec in specs])
     if opts.safety_checker is not None and not opts.no_safety_checker:
-        from ldm.checkpoint import check_checkpoint_file
+        from ldm.checkpoint_reader import check_checkpoint_file
 
         check_checkpoint_file(opts.safety_checker, "safety-checker file")
     batches = plan_batches(opts, prompts, init_images)

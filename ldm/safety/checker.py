@@ -218,7 +218,7 @@ def load_safety_checker(
     The architecture is read off the weights' shapes; ``vision_config`` overrides it (e.g. the number of
     heads of a non-standard tower). Loading is strict except for the old ``position_ids`` buffer.
     """
-    from ldm.checkpoint import read_state_dict
+    from ldm.checkpoint_reader import read_state_dict
 
     path = Path(path)
     if not path.is_file():

@@ -390,7 +390,7 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, parameterization: str) -> to
 
 def load_autoencoder_weights(model: nn.Module, path: str | Path) -> None:
     """Load exported autoencoder weights (keys ``encoder.*``, ...) into an AutoencoderKL (raises SdgenError)."""
-    from ldm.checkpoint import read_state_dict
+    from ldm.checkpoint_reader import read_state_dict
 
     path = Path(path)
     if not path.is_file():
@@ -405,7 +405,7 @@ def load_autoencoder_weights(model: nn.Module, path: str | Path) -> None:
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Load a whole model's weights (released layout: an exported ``.safetensors`` or a training ``.ckpt``)."""
-    from ldm.checkpoint import read_state_dict
+    from ldm.checkpoint_reader import read_state_dict
 
     path = Path(path)
     if not path.is_file():
@@ -421,7 +421,7 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
 def load_first_stage(model: LatentDiffusion, path: str | Path) -> None:
     """Load trained autoencoder weights (an exported ``.safetensors`` / a training ``.ckpt``, keys ``encoder.*``...
     or ``first_stage_model.*``) into ``model.first_stage_model``."""
-    from ldm.checkpoint import read_state_dict
+    from ldm.checkpoint_reader import read_state_dict
 
     path = Path(path)
     if not path.is_file():

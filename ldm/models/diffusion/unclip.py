@@ -110,7 +110,7 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
 
         unCLIP-H trained with the identity (no ``clip_stats_path`` in its config).
         """
-        from ldm.modules.encoders.modules import ClipImageEmbedder
+        from ldm.modules.encoders.image_embedders import ClipImageEmbedder
 
         return self.noise_augmentor is not None and isinstance(self.embedder, ClipImageEmbedder)
 
@@ -262,7 +262,7 @@ def _embedder_entries(state_dict: Mapping[str, torch.Tensor], source: str) -> di
 
 def _read_embedder_file(path: PathLike) -> dict[str, torch.Tensor]:
     """``read_state_dict`` of a CLIP weight file, with a way out for OpenAI's TorchScript ``ViT-L-14.pt``."""
-    from ldm.checkpoint import read_state_dict
+    from ldm.checkpoint_reader import read_state_dict
 
     try:
         return read_state_dict(path, "image-embedder weights")
@@ -300,7 +300,7 @@ def _prune_absent_embedder_parts(model: ImageEmbeddingConditionedLatentDiffusion
 
 def read_clip_stats(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Read Karlo's ``ViT-L-14_stats.th``: a saved ``(mean, std)`` pair (or a dict with those keys) of tensors."""
-    from ldm.checkpoint import read_pickle_checkpoint
+    from ldm.checkpoint_reader import read_pickle_checkpoint
 
     p = os.fspath(path)
     if not os.path.isfile(p):
@@ -352,7 +352,8 @@ def load_unclip_model(
         SdgenError: not an unCLIP config or checkpoint (the message names the files unCLIP needs), a missing
             image tower without ``embedder_ckpt``, unreadable statistics, or any strict-load mismatch.
     """
-    from ldm.checkpoint import assign_state_dict, build_model_on_meta, read_state_dict
+    from ldm.checkpoint import assign_state_dict, build_model_on_meta
+    from ldm.checkpoint_reader import read_state_dict
     from ldm.model_files import bundled_config, guess_config
 
     config_name = os.fspath(config) if isinstance(config, (str, os.PathLike)) else None
