@@ -30,6 +30,7 @@ def make_app() -> typer.Typer:
     register(app, "sdxl-refine", SPEC)
     register(app, "txt2img", "ldm.cli.txt2img:txt2img")
     register(app, "img2img", "ldm.cli.img2img:img2img")
+    register(app, "safe-txt2img", "ldm.cli.safe_txt2img:safe_txt2img")
     return app
 
 
@@ -363,3 +364,21 @@ def test_safety_flags_of_sdxl_refine(tmp_path, files, common):
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert samples(tmp_path / "off")[0].max() > 0
     assert load_manifest(tmp_path / "off" / "run-0000.json")["safety"] == {"checker": None, "watermark": None}
+
+
+def test_safe_txt2img_runs_sld_on_sdxl(tmp_path, files):
+    """SLD is model-agnostic: safe-txt2img on the SDXL base steers the images; --sld-guidance-scale 0 is plain
+    classifier-free guidance, bit for bit (the txt2img images)."""
+    common = ["a lighthouse at dusk", "--config", TINY_CONFIGS["base"], "--ckpt", files["base"], "--device", "cpu",
+              "--H", SIZE, "--W", SIZE, "--steps", 3, "--n_samples", 1, "--n_iter", 1]
+    assert invoke("txt2img", *common, "--outdir", tmp_path / "plain").exit_code == 0
+    result = invoke("safe-txt2img", *common, "--sld", "max", "--sld-warmup-steps", 0, "--outdir", tmp_path / "sld")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    result = invoke("safe-txt2img", *common, "--sld-guidance-scale", 0, "--outdir", tmp_path / "off")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    plain, sld, off = (samples(tmp_path / name)[0] for name in ("plain", "sld", "off"))
+    np.testing.assert_array_equal(plain, off)
+    assert np.abs(plain.astype(int) - sld.astype(int)).mean() > 1
+    params = read_parameters(tmp_path / "sld" / "samples" / "00000.png")
+    assert params["SLD"] == "max" and params["Schedule"] == "sgm"
+    assert load_manifest(tmp_path / "sld" / "run-0000.json")["options"]["sld"]["source"] == "max"

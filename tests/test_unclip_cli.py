@@ -195,6 +195,15 @@ def test_safety_checker_and_watermark_flags(cli, files, tmp_path) -> None:
     assert manifest["safety"] == {"checker": None, "watermark": None}
 
 
+def test_sld_flags_add_safe_latent_diffusion(cli, files, tmp_path) -> None:
+    assert cli(*_small(files, tmp_path / "plain", "h")).exit_code == 0
+    assert cli(*_small(files, tmp_path / "sld", "h", "--sld", "max", "--sld-warmup-steps", 0)).exit_code == 0
+    plain, sld = _samples(tmp_path / "plain"), _samples(tmp_path / "sld")
+    assert all(np.abs(a.astype(int) - b.astype(int)).mean() > 1 for a, b in zip(plain, sld))
+    assert read_parameters(tmp_path / "sld" / "samples" / "00000.png")["SLD"] == "max"
+    assert "SLD" not in read_parameters(tmp_path / "plain" / "samples" / "00000.png")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--noise-level", 1000], "--noise-level must be in 0..999"),
     (["--noise-level", -1], "--noise-level must be in 0..999"),

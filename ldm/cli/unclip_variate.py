@@ -4,7 +4,8 @@ The init image's CLIP embedding, noise-augmented to ``--noise-level``, condition
 an optional ``--prompt`` mixes in text. Guidance runs jointly on text and image: the unconditional branch has
 the negative prompt and an all-zero ADM vector (SAI2 ``scripts/streamlit/stableunclip.py``). Defaults are the
 streamlit demo's: 20 DDIM steps (eta 0), scale 10.0, noise level 0, 768 x 768, 2 samples x 2 runs, seed 42.
-``--init-img`` takes one image or a folder of images (each gets its own variations).
+``--init-img`` takes one image or a folder of images (each gets its own variations). Any SLD flag
+(``--sld PRESET`` ...) adds Safe Latent Diffusion guidance, as in ``safe-txt2img``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ldm.cli import options as o
+from ldm.cli.sld import SLD_FLAGS, optional_sld_flags, sld_options
 from ldm.defaults import describe
 from ldm.model_files import DEFAULT_UNCLIP_CKPT
 
@@ -49,10 +51,10 @@ def action(opts: Any) -> None:
 
 
 FLAGS = o.COMMON_FLAGS[:2] + ("init_img", "noise_level") + o.COMMON_FLAGS[2:22] + (
-    "config", "ckpt", "clip_stats", "embedder_ckpt") + o.COMMON_FLAGS[24:]
+    "config", "ckpt", "clip_stats", "embedder_ckpt") + o.COMMON_FLAGS[24:] + tuple(SLD_FLAGS)
 
 unclip_variate = o.command(
     COMMAND, FLAGS,
     "Make variations of an image (or of each image in a folder) with Stable unCLIP (SD 2.1 unCLIP-L / -H).",
-    own=OWN, action=action,
+    own={**OWN, **optional_sld_flags()}, action=action, options=lambda given: sld_options(COMMAND, given, sld_always=False),
 )

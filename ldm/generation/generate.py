@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -157,7 +158,8 @@ def generate(
             for stage in stages:
                 cond = stage.conditioner(jobs, with_uncond=settings.scale != 1.0)
                 guider = guidance.guider(stage.denoiser, settings.scale, previous=guider)
-                cond.update(guidance.extra_cond(stage.conditioner.encode, len(jobs), settings.scale))
+                cond.update(guidance.extra_cond(partial(stage.conditioner.encode, like=cond["cond"]), len(jobs),
+                                                settings.scale))
                 x = sampler(guider, x.to(model_device(stage.model)), stage.sigmas, extra_args={"cond": cond},
                             callback=_step_callback(guider, done, total, on_step), noise_sampler=noise_sampler,
                             **options)

@@ -11,14 +11,15 @@ image); a cond dict holds the network inputs (``{"crossattn": (B, L, D), "vector
 - :class:`ImageVariationConditioning` (Stable unCLIP): the text conditioning plus the ADM input, the job's init
   image embedding noise-augmented per image on the conditional branch and zeros on the unconditional one.
 
-``encode(prompts)`` gives the cond dict of a list of prompts on the conditional branch: what a guidance method
-encodes its extra prompts with (the SLD safety concept).
+``encode(prompts, like=cond)`` gives the cond dict of a list of prompts on the conditional branch, with the
+non-text inputs of ``like`` (a batch's conditional cond dict): what a guidance method encodes its extra prompts
+with (the SLD safety concept, which must see the same image embedding or micro-conditioning as the prompt).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -53,9 +54,12 @@ class TextConditioner:
     def __init__(self, model: Any) -> None:
         self.model = model
 
-    def encode(self, prompts: Sequence[str]) -> dict[str, Any]:
-        """Prompts -> ``{"crossattn": (len(prompts), L, D)}``."""
-        return {"crossattn": self.model.get_learned_conditioning(list(prompts))}
+    def encode(self, prompts: Sequence[str], like: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+        """Prompts -> ``{"crossattn": (len(prompts), L, D)}``; ``like``'s other entries (an ADM "vector") are
+        carried over."""
+        cond = {k: v for k, v in (like or {}).items() if k != "crossattn"}
+        cond["crossattn"] = self.model.get_learned_conditioning(list(prompts))
+        return cond
 
     def __call__(self, jobs: Sequence[Job], with_uncond: bool = True) -> dict[str, dict[str, Any]]:
         """``{"cond": ..., "uncond": ...}`` of a batch; "uncond" only ``with_uncond`` (guidance scale != 1)."""
@@ -74,8 +78,9 @@ class SDXLConditioner:
         self.model = model
         self.micro = micro
 
-    def encode(self, prompts: Sequence[str]) -> dict[str, Any]:
-        """Prompts -> the conditional branch's ``{"crossattn": (B, 77, D), "vector": (B, A)}``."""
+    def encode(self, prompts: Sequence[str], like: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+        """Prompts -> the conditional branch's ``{"crossattn": (B, 77, D), "vector": (B, A)}`` with this stage's
+        micro-conditioning (the pooled text is part of the vector, so ``like`` adds nothing)."""
         return self.model.conditioner(self.model.conditioning_batch(list(prompts), self.micro))
 
     def __call__(self, jobs: Sequence[Job], with_uncond: bool = True) -> dict[str, dict[str, Any]]:
