@@ -88,3 +88,15 @@ def test_shown_defaults_come_from_the_defaults_table(params, command):
 def test_demo_scale_in_the_help_is_the_demo_config_value(params):
     demo_scale = load_config("configs/demo/shapes-ldm.yaml").sampling_defaults.scale
     assert f"{demo_scale} for the demo model" in params["txt2img"]["scale"].show_default
+
+
+def test_readme_flag_tables_are_the_live_help():
+    """The README's tables are generated from the commands' declarations (scripts/readme_flags.py): a flag or a
+    default changed without regenerating them fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "readme_flags.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

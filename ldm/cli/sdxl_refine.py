@@ -27,9 +27,12 @@ def _own(*names: str, help: str, kind: Any = Optional[str], shown: Any = False) 
 
 
 OWN = {
-    "refiner_ckpt": _own("--refiner-ckpt", help=f"the SDXL refiner checkpoint ({FILE_SDXL_REFINER})"),
-    "ckpt": _own("--ckpt", help=f"the SDXL base checkpoint ({FILE_SDXL_BASE}) for the base -> refiner hand-over"),
-    "init_img": _own("--init-img", "--init_img", help="refine this image instead (SDEdit on the refiner)"),
+    "refiner_ckpt": _own("--refiner-ckpt", help=f"the SDXL refiner checkpoint ({FILE_SDXL_REFINER})",
+                         shown="required"),
+    "ckpt": _own("--ckpt", help=f"the SDXL base checkpoint ({FILE_SDXL_BASE}) for the base -> refiner hand-over",
+                 shown="none (give it or --init-img)"),
+    "init_img": _own("--init-img", "--init_img", help="refine this image instead (SDEdit on the refiner)",
+                     shown="none (give it or --ckpt)"),
     "high_noise_frac": _own("--high-noise-frac", kind=Optional[float], shown=describe(COMMAND, "high_noise_frac"),
                             help="share of the noise range the base runs, in (0, 1): the base takes the timesteps "
                             "t >= 1000 * (1 - frac), the refiner continues from that sigma"),

@@ -23,7 +23,7 @@ COMMAND = "unclip-variate"
 
 OWN = {
     "init_img": (Annotated[Optional[str], typer.Option(
-        "--init-img", "--init_img", show_default=False,
+        "--init-img", "--init_img", show_default="required",
         help="the input image, or a folder of images (each gets its own variations)")], None),
     "noise_level": (Annotated[Optional[int], typer.Option(
         "--noise-level", "--noise_level", show_default=describe(COMMAND, "noise_level"),
