@@ -136,10 +136,11 @@ def flags(command: str) -> SimpleNamespace:
                          help="SDXL micro-conditioning: crop offset TOP,LEFT (0,0 = centred, uncropped look)"),
         target_size=_opt("--target-size", default="the image size",
                          help="SDXL base micro-conditioning: target size HEIGHT,WIDTH"),
-        aesthetic_score=_opt("--aesthetic-score", kind=float_, default=_shown(command, "aesthetic_score", "6.0"),
+        aesthetic_score=_opt("--aesthetic-score", kind=float_, default=_shown(command, "aesthetic_score", describe("txt2img", "aesthetic_score")),
                              help="SDXL refiner: aesthetic score of the conditional branch"),
         negative_aesthetic_score=_opt("--negative-aesthetic-score", kind=float_,
-                                      default=_shown(command, "negative_aesthetic_score", "2.5"),
+                                      default=_shown(command, "negative_aesthetic_score",
+                                                     describe("txt2img", "negative_aesthetic_score")),
                                       help="SDXL refiner: aesthetic score of the unconditional branch"),
     )
 

@@ -345,10 +345,8 @@ def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int
         noise_level=opts.noise_level or 0, original_size=parse_pair(FLAGS["original_size"], opts.original_size),
         crop_coords=parse_pair(FLAGS["crop_coords"], opts.crop_coords),
         target_size=parse_pair(FLAGS["target_size"], opts.target_size),
-        aesthetic_score=opts.aesthetic_score if opts.aesthetic_score is not None else 6.0,
-        negative_aesthetic_score=(opts.negative_aesthetic_score if opts.negative_aesthetic_score is not None
-                                  else 2.5),
         sld=opts.sld,
+        **{k: getattr(opts, k) for k in ("aesthetic_score", "negative_aesthetic_score") if getattr(opts, k) is not None},
     )
 
 

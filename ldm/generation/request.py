@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
+from ldm.defaults import FAMILY_DEFAULTS
 from ldm.errors import SdgenError
+
+SDXL_DEFAULTS = FAMILY_DEFAULTS["txt2img"]["sdxl"]
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,8 @@ class Settings:
     original_size: Optional[tuple[int, int]] = None
     crop_coords: Optional[tuple[int, int]] = None
     target_size: Optional[tuple[int, int]] = None
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
+    aesthetic_score: float = SDXL_DEFAULTS["aesthetic_score"]
+    negative_aesthetic_score: float = SDXL_DEFAULTS["negative_aesthetic_score"]
     sld: Optional[dict[str, Any]] = field(default=None, hash=False)
 
     @property

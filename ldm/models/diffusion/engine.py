@@ -80,7 +80,8 @@ class MicroConditioning:
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
     ) -> "MicroConditioning":
-        """Original and target size default to the image size, crop to (0, 0), scores to 6.0 / 2.5."""
+        """Original and target size default to the image size, crop to (0, 0), scores to the SGM demo's
+        (:data:`AESTHETIC_SCORE`, :data:`NEGATIVE_AESTHETIC_SCORE`)."""
         return cls(
             original_size=tuple(original_size) if original_size is not None else (height, width),
             crop_coords=tuple(crop_coords) if crop_coords is not None else (0, 0),
