@@ -244,7 +244,8 @@ class RunManifest:
 
     def write(self) -> None:
         try:
-            _atomic_write_text(self.path, json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
+            text = json.dumps(self.data, indent=2, ensure_ascii=False, allow_nan=False)  # strict JSON for any reader
+            _atomic_write_text(self.path, text + "\n")
         except OSError as exc:
             raise SdgenError(f"cannot write the run manifest {self.path}: {exc.strerror or exc}") from exc
 

@@ -131,6 +131,8 @@ def test_txt2img_writes_samples_grid_manifest_and_parameters(tmp_path, model_arg
 
     manifest = load_manifest(out / "run-0000.json")
     assert manifest["status"] == "complete" and manifest["grid"] == "grid-0000.png"
+    json.loads((out / "run-0000.json").read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert manifest["settings"]["s_tmax"] == "inf" and manifest["settings"]["grid"] == "ddim"
     assert manifest["seeds"] == [42, 43, 44, 45]
     assert [img["seed"] for img in manifest["images"]] == [42, 43, 44, 45]
     ckpt_sha = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()

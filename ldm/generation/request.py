@@ -75,8 +75,13 @@ class Settings:
         return {}
 
     def record(self) -> dict[str, Any]:
-        """Plain data for the run manifest."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        """Plain JSON data for the run manifest (an unbounded ``s_tmax`` as the string "inf")."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return list(v)
+            return "inf" if isinstance(v, float) and v == float("inf") else v
+
+        return {k: plain(v) for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
