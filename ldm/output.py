@@ -33,6 +33,7 @@ from ldm.errors import SdgenError
 logger = logging.getLogger(__name__)
 
 PARAMETERS_KEY = "parameters"
+JOB_KEY = "sdgen-job"
 MANIFEST_FORMAT = "sdgen-run"
 MANIFEST_VERSION = 1
 GRID_PADDING = 2  # torchvision.utils.make_grid's default, used by the CompVis scripts
@@ -98,16 +99,64 @@ def read_parameters(path: str | os.PathLike) -> dict[str, Any]:
     return parse_parameters(text)
 
 
-def save_png(image: np.ndarray, path: Path, parameters: str | None) -> str:
-    """Write an (H, W, 3) uint8 array as PNG, with the parameters chunk when given; returns the file's sha256."""
+def save_png(image: np.ndarray, path: Path, parameters: str | None, job: Optional[Mapping[str, Any]] = None) -> str:
+    """Write an (H, W, 3) uint8 array as PNG, with the parameters chunk when given and the job's record (JSON in an
+    ``sdgen-job`` chunk: what a resumed run compares); returns the file's sha256. The file appears whole or not at
+    all (written beside, then renamed)."""
     info = PngInfo()
     if parameters is not None:
         info.add_text(PARAMETERS_KEY, parameters)
+    if job is not None:
+        info.add_text(JOB_KEY, json.dumps(job, sort_keys=True, allow_nan=False))
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
     data = buffer.getvalue()
-    path.write_bytes(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
     return hashlib.sha256(data).hexdigest()
+
+
+def read_job(path: Path) -> Optional[dict[str, Any]]:
+    """The job record of a sample PNG (its ``sdgen-job`` chunk), or None when the file is missing, damaged or has
+    none: such an image counts as not made yet."""
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(JOB_KEY)  # type: ignore[attr-defined]
+            image.verify()
+        return json.loads(text) if text else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def make_xy_grid(cells: Mapping[tuple[int, int], Sequence[np.ndarray]], x_labels: Sequence[str],
+                 y_labels: Sequence[str], padding: int = GRID_PADDING) -> np.ndarray:
+    """An X/Y plot as AUTOMATIC1111 draws one: cell (y, x) holds that combination's images side by side, the X
+    values label the columns on top and the Y values the rows on the left (white margins, black text)."""
+    from PIL import ImageDraw, ImageFont
+
+    first = next(iter(cells.values()))[0]
+    h, w = first.shape[:2]
+    per_cell = max(len(v) for v in cells.values())
+    cell_w = per_cell * w + (per_cell - 1) * padding
+    font = ImageFont.load_default()
+    top = 28 if any(x_labels) else 0
+    left = (8 + max((int(font.getlength(t)) for t in y_labels), default=0)) if any(y_labels) else 0
+    rows, cols = max(1, len(y_labels)), max(1, len(x_labels))
+    canvas = Image.new("RGB", (left + cols * (cell_w + padding) + padding, top + rows * (h + padding) + padding),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for (y, x), images in cells.items():
+        x0, y0 = left + padding + x * (cell_w + padding), top + padding + y * (h + padding)
+        for k, image in enumerate(images):
+            canvas.paste(Image.fromarray(image), (x0 + k * (w + padding), y0))
+    for x, text in enumerate(x_labels):
+        width = font.getlength(text)
+        draw.text((left + padding + x * (cell_w + padding) + (cell_w - width) / 2, top / 2 - 6), text, fill="black",
+                  font=font)
+    for y, text in enumerate(y_labels):
+        draw.text((4, top + padding + y * (h + padding) + h / 2 - 6), text, fill="black", font=font)
+    return np.asarray(canvas).copy()
 
 
 def make_grid(images: Sequence[np.ndarray], n_rows: int, padding: int = GRID_PADDING) -> np.ndarray:
@@ -147,8 +196,9 @@ _RUN_FILE = re.compile(r"^(?:grid|run)-(\d+)\.(?:png|json)$")
 class OutputFolder:
     """An output folder in the CompVis layout; created and checked for writability on construction.
 
-    Sample numbers continue after the highest existing ``samples/NNNNN.png``; the grid and the manifest of a
-    run share the next free run number.
+    Sample numbers continue after the highest existing ``samples/NNNNN.png``: image k of a run is
+    ``samples/{first_sample + k:05}.png``; the grid and the manifest of a run share the next free run number.
+    :meth:`continue_run` points the folder at an earlier run instead (``--resume``).
     """
 
     def __init__(self, outdir: str | os.PathLike) -> None:
@@ -168,6 +218,24 @@ class OutputFolder:
         self.run_number = 1 + max(
             (int(m.group(1)) for p in self.root.iterdir() if (m := _RUN_FILE.match(p.name))), default=-1
         )
+        self.first_sample = self.next_sample
+
+    def latest_manifest(self) -> Optional[Path]:
+        """The run manifest with the highest run number, None when the folder has none."""
+        found = [(int(m.group(1)), p) for p in self.root.glob("run-*.json") if (m := _RUN_FILE.match(p.name))]
+        return max(found)[1] if found else None
+
+    def continue_run(self, run_number: int, first_sample: int) -> None:
+        """Write into an earlier run: its manifest, grid and sample numbers."""
+        self.run_number, self.first_sample = run_number, first_sample
+
+    def sample_path(self, index: int) -> Path:
+        """Where image ``index`` of this run is written: ``samples/{first_sample + index:05}.png``."""
+        return self.samples / f"{self.first_sample + index:05}.png"
+
+    def part_path(self, rank: int) -> Path:
+        """The image records process ``rank`` appends while the run goes on (merged into the manifest)."""
+        return self.root / f"run-{self.run_number:04}.part-{rank:03}.jsonl"
 
     @property
     def manifest_path(self) -> Path:
@@ -177,31 +245,28 @@ class OutputFolder:
     def grid_path(self) -> Path:
         return self.root / f"grid-{self.run_number:04}.png"
 
-    def save_sample(self, image: np.ndarray, parameters: str | None) -> tuple[Path, str]:
-        """Write the next ``samples/NNNNN.png``; returns (path, sha256 of the file)."""
-        path = self.samples / f"{self.next_sample:05}.png"
-        digest = self._save(image, path, parameters)
-        self.next_sample += 1
-        return path, digest
+    def save_sample(self, image: np.ndarray, index: int, parameters: str | None,
+                    job: Optional[Mapping[str, Any]] = None) -> tuple[Path, str]:
+        """Write image ``index`` of the run (:meth:`sample_path`); returns (path, sha256 of the file)."""
+        path = self.sample_path(index)
+        return path, self._save(image, path, parameters, job)
 
     def save_grid(
         self,
-        images: Sequence[np.ndarray],
-        n_rows: int,
+        grid: np.ndarray,
         parameters: str | None,
         postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     ) -> Path:
         """Write ``grid-NNNN.png`` of this run (``postprocess``, e.g. the watermark, applied to the whole grid)
         and return its path."""
         path = self.grid_path
-        grid = make_grid(images, n_rows)
         self._save(postprocess(grid) if postprocess is not None else grid, path, parameters)
         return path
 
     @staticmethod
-    def _save(image: np.ndarray, path: Path, parameters: str | None) -> str:
+    def _save(image: np.ndarray, path: Path, parameters: str | None, job: Optional[Mapping[str, Any]] = None) -> str:
         try:
-            return save_png(image, path, parameters)
+            return save_png(image, path, parameters, job)
         except OSError as exc:
             raise SdgenError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
@@ -228,7 +293,7 @@ class RunManifest:
     hashes), seeds (planned, per image), prompts, images (written so far), grid.
     """
 
-    def __init__(self, path: Path, header: Mapping[str, Any]) -> None:
+    def __init__(self, path: Path, header: Mapping[str, Any], images: Sequence[Mapping[str, Any]] = ()) -> None:
         self.path = path
         self.data: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
@@ -237,7 +302,7 @@ class RunManifest:
             "status": "running",
             "created": _now(),
             "finished": None,
-            "images": [],
+            "images": [dict(r) for r in images],
             "grid": None,
         }
         self.write()
@@ -251,6 +316,12 @@ class RunManifest:
 
     def add_image(self, record: ImageRecord) -> None:
         self.data["images"].append(vars(record).copy())
+        self.write()
+
+    def set_images(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the image list (one record per image index, in index order) and write."""
+        by_index = {int(r["index"]): dict(r) for r in records}
+        self.data["images"] = [by_index[k] for k in sorted(by_index)]
         self.write()
 
     def finish(self, status: str, grid: Path | None = None) -> None:
@@ -296,83 +367,12 @@ def png_pixels(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(image.convert("RGB")).copy()
 
 
-# ----------------------------------------------------------------------------- writing a run
-
-
-class RunInterrupted(SdgenError):
-    """Ctrl-C during a run, after the finished images were kept (exit code 130)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, exit_code=130)
-
-
 @dataclass
 class RunResult:
-    """What a run wrote."""
+    """What a run wrote: its folder, the sample files of the run, the grid and the manifest."""
 
     outdir: Path
     samples: list[Path]
     grid: Optional[Path]
     manifest: Path
-
-
-class RunWriter:
-    """Writes a run's images as they come: each sample PNG (watermarked, with its parameters) at once, its entry in
-    the manifest (rewritten atomically after every image, so an interrupted run keeps it), the grid last.
-
-    Args:
-        out: the output folder; ``header``: the manifest's description of the run.
-        safety: the run's :class:`ldm.safety.postprocess.OutputSafety` (checker verdicts, watermark).
-        settings: the PNG parameters line (``Key: value`` pairs, :func:`format_parameters`); ``per_image(job)``
-            adds an image's own entries; "Seed", "Batch size" and "Batch pos" are filled in per image.
-        batch_sizes: the size of each batch (by the jobs' ``batch``).
-    """
-
-    def __init__(self, out: OutputFolder, header: Mapping[str, Any], safety: Any, settings: Mapping[str, Any], *,
-                 batch_sizes: Mapping[int, int], skip_save: bool = False, skip_grid: bool = False, n_rows: int = 1,
-                 per_image: Optional[Callable[[Any], Mapping[str, Any]]] = None) -> None:
-        self.out, self.safety, self.settings = out, safety, dict(settings)
-        self.batch_sizes, self.skip_save, self.skip_grid, self.n_rows = dict(batch_sizes), skip_save, skip_grid, n_rows
-        self.per_image = per_image
-        self.manifest = RunManifest(out.manifest_path, {**header, "safety": safety.manifest()})
-        self.samples: list[Path] = []
-        self.grid_images: list[np.ndarray] = []
-        self.first_parameters: Optional[str] = None
-
-    def write(self, image: Any) -> None:
-        """Save one :class:`ldm.generation.generate.GeneratedImage` and record it in the manifest."""
-        job = image.job
-        parameters = format_parameters(job.prompt, job.negative_prompt, {
-            **self.settings, "Seed": job.seed, "Batch size": self.batch_sizes[job.batch], "Batch pos": job.position,
-            **(self.per_image(job) if self.per_image else {}), **self.safety.png_settings(image.flagged),
-        })
-        self.first_parameters = self.first_parameters or parameters
-        file, digest = None, None
-        if not self.skip_save:
-            path, digest = self.out.save_sample(self.safety.mark(image.pixels), parameters)
-            self.samples.append(path)
-            file = relative_to(path, self.out.root)
-        if image.flagged:
-            logger.warning("the safety checker flagged image %d (seed %d)%s; it is saved black",
-                           job.index, job.seed, f" ({file})" if file else "")
-        if not self.skip_grid:
-            self.grid_images.append(image.pixels)
-        self.manifest.add_image(ImageRecord(job.index, job.seed, job.prompt, file, digest))
-
-    def interrupted(self, total: int) -> RunInterrupted:
-        """Finish the manifest as "interrupted" and return the error to raise (the written images stay)."""
-        self.manifest.finish("interrupted")
-        return RunInterrupted(f"interrupted: kept {self.manifest.image_count} of {total} images in {self.out.root} "
-                              f"(manifest {self.out.manifest_path.name})")
-
-    def failed(self) -> None:
-        self.manifest.finish("failed")
-
-    def complete(self) -> RunResult:
-        """Write the grid (watermarked) and finish the manifest as "complete"."""
-        grid = None
-        if self.grid_images:
-            grid = self.out.save_grid(self.grid_images, self.n_rows, self.first_parameters, postprocess=self.safety.mark)
-        self.manifest.finish("complete", grid)
-        return RunResult(outdir=self.out.root, samples=self.samples, grid=grid, manifest=self.out.manifest_path)
 

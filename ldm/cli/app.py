@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -45,18 +46,30 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def process_rank() -> int:
+    """This process's rank in a run of several (Lightning Fabric, torchrun and SLURM set RANK / LOCAL_RANK): 0
+    alone. Only process 0 speaks to the user; the others exit with the same code."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a command so user errors and Ctrl-C become one stderr line and an exit code."""
+    """Wrap a command so user errors and Ctrl-C become one stderr line (from process 0) and an exit code."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except SdgenError as exc:
-            typer.echo(f"sdgen: error: {one_line(str(exc))}", err=True)
+            if process_rank() == 0:
+                typer.echo(f"sdgen: error: {one_line(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("sdgen: interrupted", err=True)
+            if process_rank() == 0:
+                typer.echo("sdgen: interrupted", err=True)
             raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
     return wrapper
@@ -83,9 +96,11 @@ def _root(
     ),
 ) -> None:
     """Stable Diffusion inference from the released checkpoints."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    rank = process_rank()
+    # processes other than 0 of a run of several stay quiet unless --verbose, which logs every process
+    level = logging.INFO if verbose else (logging.WARNING if rank == 0 else logging.ERROR)
+    prefix = f"[process {rank}] " if rank or verbose and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=level, format=f"%(levelname)s {prefix}%(name)s: %(message)s")
 
 
 for _name, _spec in COMMANDS:

@@ -18,6 +18,7 @@ import typer
 
 from ldm.defaults import describe
 from ldm.errors import SdgenError
+from ldm.generation.jobs import SWEEP_FIELDS
 from ldm.generation.options import GenerateOptions
 from ldm.sampling.samplers import SAMPLERS
 
@@ -138,6 +139,19 @@ def flags(command: str) -> SimpleNamespace:
                          help="SDXL base micro-conditioning: target size HEIGHT,WIDTH"),
         aesthetic_score=_opt("--aesthetic-score", kind=float_, default=_shown(command, "aesthetic_score", describe("txt2img", "aesthetic_score")),
                              help="SDXL refiner: aesthetic score of the conditional branch"),
+        sweep=_opt("--sweep", kind=Optional[list[str]], default=False,
+                   help="FIELD=V1,V2,...: also run every value of a setting (repeat for an X/Y plot: the first "
+                   "--sweep is X, the second Y) over the same seeds, and write a labelled grid; FIELD: "
+                   + ", ".join(SWEEP_FIELDS)),
+        resume=_opt("--resume", kind=bool_, help="continue the latest run in --outdir: make only its missing images "
+                    "(the command must ask for the same images)"),
+        devices=_opt("--devices", kind=int_, default="1, or what torchrun / SLURM started",
+                     help="processes on this machine (one per GPU, or CPU processes); the images are the same for "
+                     "any number"),
+        num_nodes=_opt("--num-nodes", kind=int, help="machines taking part (each started with the same command, "
+                       "e.g. by torchrun or srun; --outdir on a shared file system)"),
+        accelerator=_opt("--accelerator", kind=str, help="auto | cpu | cuda: what the processes run on"),
+        dist_timeout=_opt("--dist-timeout", kind=float, help="seconds the processes wait for each other to connect"),
         negative_aesthetic_score=_opt("--negative-aesthetic-score", kind=float_,
                                       default=_shown(command, "negative_aesthetic_score",
                                                      describe("txt2img", "negative_aesthetic_score")),
@@ -150,6 +164,8 @@ COMMON_FLAGS = ("prompt_arg", "prompt", "negative_prompt", "from_file", "outdir"
                 "plms", "dpm_solver", "sampler", "eta", "n_iter", "height", "width", "latent_channels", "factor",
                 "n_samples", "n_rows", "scale", "seed", "fixed_code", "config", "ckpt", "precision", "device",
                 "safety_checker", "no_safety_checker", "no_watermark")
+#: The flags of a run at scale: sweeps, resume, and the processes / machines it runs on.
+RUN_FLAGS = ("sweep", "resume", "devices", "num_nodes", "accelerator", "dist_timeout")
 #: The SDXL grid and micro-conditioning flags.
 SDXL_FLAGS = ("grid", "original_size", "crop_coords", "target_size", "aesthetic_score", "negative_aesthetic_score")
 
@@ -158,7 +174,8 @@ SIGNATURE_DEFAULTS: dict[str, Any] = {
     "negative_prompt": UNSET.negative_prompt, "eta": UNSET.eta, "latent_channels": UNSET.latent_channels,
     "n_rows": UNSET.n_rows, "precision": Precision(UNSET.precision), "device": UNSET.device,
     "skip_grid": False, "skip_save": False, "plms": False, "dpm_solver": False, "fixed_code": False,
-    "no_safety_checker": False, "no_watermark": False,
+    "no_safety_checker": False, "no_watermark": False, "resume": False, "num_nodes": UNSET.num_nodes,
+    "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout,
 }
 
 
@@ -237,13 +254,17 @@ def options_from_flags(command: str, flags_given: Mapping[str, Any], **values: A
         given["precision"] = given["precision"].value
     if "no_watermark" in given:
         out["watermark"] = not given.pop("no_watermark")
+    if "sweep" in given:
+        out["sweep"] = list(given.pop("sweep") or [])
     out.update({k: v for k, v in given.items() if k in known and k not in out})
     out.update(values)
     return GenerateOptions(**out)
 
 
 def report(result: Any) -> None:
-    """The originals' closing line, on stdout."""
+    """The originals' closing line, on stdout (only from process 0 of a run of several: the others get None)."""
+    if result is None:
+        return
     written = len(result.samples)
     typer.echo(f"Your samples are ready and waiting for you here: {result.outdir} "
                f"({written} image{'s' if written != 1 else ''}, manifest {result.manifest.name})")

@@ -1,12 +1,31 @@
-"""The commands' progress display on stderr (a rich progress bar, off when stderr is no terminal) and the one
-library call each generation command makes."""
+"""The commands' progress display on stderr and the one library call each generation command makes.
+
+One rich progress bar for the whole run (images done of all, images per second, time left) and one for the
+current batch's sampler steps, on process 0 only; off when stderr is no terminal.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class SpeedColumn(ProgressColumn):
+    """Images per second of a task (rich's own speed estimate)."""
+
+    def render(self, task: Any) -> Text:
+        return Text(f"{task.speed:.2f} img/s" if task.speed else "")
 
 
 class RichProgress:
@@ -14,8 +33,9 @@ class RichProgress:
 
     def __init__(self) -> None:
         console = Console(stderr=True)
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SpeedColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                            disable=not console.is_terminal)
         self.images_task = self.steps_task = None
 
     def __enter__(self) -> "RichProgress":
@@ -25,8 +45,8 @@ class RichProgress:
     def __exit__(self, *exc: Any) -> None:
         self.bar.__exit__(*exc)
 
-    def start(self, images: int, batches: int) -> None:
-        self.images_task = self.bar.add_task("images", total=images)
+    def start(self, images: int, done: int) -> None:
+        self.images_task = self.bar.add_task("images", total=images, completed=done)
         self.steps_task = self.bar.add_task("steps", total=None)
 
     def batch(self, jobs: list) -> None:
@@ -35,8 +55,8 @@ class RichProgress:
     def step(self, done: int, total: int) -> None:
         self.bar.update(self.steps_task, completed=done, total=total)
 
-    def image(self) -> None:
-        self.bar.advance(self.images_task)
+    def images_done(self, done: int) -> None:
+        self.bar.update(self.images_task, completed=done)
 
 
 def run_command(opts: Any, notify: Optional[Callable[[str], None]] = None) -> None:

@@ -31,8 +31,8 @@ class GenerateOptions:
     Attributes:
         command: txt2img, img2img, safe-txt2img, unclip-variate or sdxl-refine.
         prompt, negative_prompt: the prompt (None: the command's default) and the unconditional one.
-        from_file: a prompt file (one prompt per line, one image each per iteration); ``prompt_list`` (set by
-            ``sdgen replay``) replaces reading it again.
+        from_file: a prompt file (:mod:`ldm.generation.prompt_file`: .txt one prompt per line, .csv / .jsonl with
+            per-line settings); ``prompt_list`` / ``prompt_entries`` (set by ``sdgen replay``) replace reading it.
         config, ckpt: model config and checkpoint (None: the original scripts' paths, or the demo model);
             ``refiner_ckpt`` / ``refiner_config`` the SDXL refiner of ``sdxl-refine``.
         init_img: img2img / SDEdit input image, or unCLIP's image or folder of images.
@@ -43,6 +43,10 @@ class GenerateOptions:
         s_churn, s_tmin, s_tmax, s_noise: Euler / Heun churn.
         noise_level, clip_stats, embedder_ckpt: unCLIP.
         sld: Safe Latent Diffusion settings (:func:`ldm.sld_config.options_record`), None for plain CFG.
+        sweep: ``FIELD=V1,V2,...`` axes of an X/Y plot (:mod:`ldm.generation.jobs`).
+        resume: write only the images of the latest run in ``outdir`` that are missing.
+        devices, num_nodes, accelerator, dist_timeout: processes per machine, machines, the device kind, and how
+            long (s) processes wait for each other to connect (:mod:`ldm.generation.distributed`).
         safety_checker / no_safety_checker / watermark: output safety; precision / device: where and how.
     """
 
@@ -88,8 +92,15 @@ class GenerateOptions:
     clip_stats: Optional[str] = None
     embedder_ckpt: Optional[str] = None
     sld: Optional[dict[str, Any]] = None
+    sweep: list[str] = field(default_factory=list)
+    prompt_entries: Optional[list[dict[str, Any]]] = None
+    resume: bool = False
     precision: str = "autocast"
     device: str = "auto"
+    devices: Optional[int] = None
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    dist_timeout: float = 300.0
     safety_checker: Optional[str] = None
     no_safety_checker: bool = False
     watermark: bool = True
@@ -98,7 +109,7 @@ class GenerateOptions:
     def per_image_prompts(self) -> bool:
         """Whether each prompt is one image per iteration (a prompt file or a replayed list) rather than one
         prompt for the whole batch."""
-        return self.from_file is not None or self.prompt_list is not None
+        return self.from_file is not None or self.prompt_list is not None or self.prompt_entries is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,13 +1,16 @@
 """options -> a run plan: every check that can fail before a model is loaded, and the run as image jobs.
 
 :func:`plan_run` reads the prompt file, the init image(s) and the model configs, fills the unset options from
-:mod:`ldm.defaults`, checks numbers, sizes, files and the family's grid (step counts, strength, the base ->
-refiner split), hashes the files, and lays the run out as an ordered list of batches of
-:class:`~ldm.generation.request.ImageJob`. Each failure is one :class:`~ldm.errors.SdgenError` line.
+:mod:`ldm.defaults`, applies each prompt line's and sweep cell's own settings, checks numbers, sizes, files and
+the family's grid (step counts, strength, the base -> refiner split) for every settings group, hashes the files,
+and lays the run out as an ordered list of batches of :class:`~ldm.generation.request.ImageJob`
+(:mod:`ldm.generation.jobs`). Each failure is one :class:`~ldm.errors.SdgenError` line; a prompt line's names
+its file and line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -17,15 +20,16 @@ import torch
 from ldm.defaults import COMMAND_DEFAULTS, defaults_for
 from ldm.errors import SdgenError
 from ldm.generation import images as image_io
+from ldm.generation.checks import check_expectations, check_options, resolve_device
+from ldm.generation.jobs import SWEEP_FIELDS, Sweep, Unit, lay_out, parse_sweep, sweep_cells
 from ldm.generation.options import FLAGS, SDXL_FIELDS, GenerateOptions, parse_pair
-from ldm.generation.request import ImageJob, Settings, make_jobs, prompt_batches
+from ldm.generation.prompt_file import SLD_FIELDS, PromptEntry, read_prompt_file
+from ldm.generation.request import ImageJob, Settings
 from ldm.model_files import (
     CONFIG_SDXL_BASE,
     CONFIG_SDXL_REFINER,
     CONFIG_UNCLIP_L,
     DEFAULT_UNCLIP_CKPT,
-    FILE_SDXL_BASE,
-    FILE_SDXL_REFINER,
     ModelFiles,
     bundled_config,
     check_checkpoint_role,
@@ -39,18 +43,9 @@ from ldm.model_files import (
     vae_downsampling_factor,
 )
 from ldm.output import OutputFolder
-from ldm.sampling.grids import DEFAULT_GRID, SDXL_GRIDS, check_high_noise_frac
-from ldm.sampling.samplers import SAMPLERS
+from ldm.sampling.grids import DEFAULT_GRID
 
 UNCLIP_INPUT_MULTIPLE = 64  # the SAI2 demo resizes the input down to multiples of 64 (LANCZOS) before embedding it
-PRECISIONS = ("autocast", "full", "bf16", "fp16")
-
-#: What a replay's expected hashes compare, and what to say when they differ.
-EXPECTATIONS = {
-    "checkpoint_sha256": "the checkpoint differs from the one the manifest recorded (sha256 mismatch)",
-    "refiner_checkpoint_sha256": "the refiner checkpoint differs from the one the manifest recorded (sha256 mismatch)",
-    "init_image_sha256": "the init image differs from the one the manifest recorded (sha256 mismatch)",
-}
 
 
 @dataclass(frozen=True)
@@ -76,17 +71,28 @@ class InitImage:
 
 @dataclass
 class RunPlan:
-    """A checked run: ``opts`` with every default filled in (what the manifest records), the models to load,
-    the sampling settings, the ordered batches of jobs, the prompts, the init images and where to write."""
+    """A checked run: ``opts`` with every default filled in (what the manifest records), the models to load, the
+    settings groups (each batch's settings is one of them), the ordered batches of jobs, the prompt entries, the
+    init images, the sweep axes and where to write."""
 
     opts: GenerateOptions
     models: list[ModelSpec]
-    settings: Settings
+    groups: list[Settings]
     batches: list[list[ImageJob]]
-    prompts: list[str]
+    entries: list[PromptEntry]
     init_images: list[InitImage]
     out: OutputFolder
     device: torch.device
+    sweeps: list[Sweep] = dataclasses.field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        """The first settings group (the only one unless prompt lines or sweeps set their own)."""
+        return self.groups[0]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [entry.prompt for entry in self.entries]
 
     @property
     def num_images(self) -> int:
@@ -95,120 +101,30 @@ class RunPlan:
     @property
     def conditioning_images(self) -> bool:
         """Whether the init images condition the model (unCLIP) rather than start the latent (img2img)."""
-        return self.settings.strength is None and bool(self.init_images)
+        return self.opts.command == "unclip-variate"
+
+    def models_sha256(self) -> list[str]:
+        return [spec.sha256 for spec in self.models]
 
 
-# ----------------------------------------------------------------------------- checks that need no file
+# ----------------------------------------------------------------------------- prompts and models
 
 
-def check_options(opts: GenerateOptions) -> None:
-    """Validate the given numbers and names (unset ones are skipped); raises SdgenError."""
-    for name in ("steps", "n_samples", "n_iter", "latent_channels", "factor"):
-        value = getattr(opts, name)
-        if value is not None and value < 1:
-            raise SdgenError(f"{FLAGS[name]} must be at least 1, got {value}")
-    if opts.n_rows < 0:
-        raise SdgenError(f"--n_rows must be 0 (= n_samples) or more, got {opts.n_rows}")
-    for name in ("height", "width"):
-        value = getattr(opts, name)
-        if value is None:
-            continue
-        if opts.command == "sdxl-refine" and value <= 0:  # the SGM demo has no multiple-of-8 rule of its own
-            raise SdgenError(f"{FLAGS[name]} must be a positive number of pixels, got {value}")
-        if opts.command != "sdxl-refine" and (value <= 0 or value % 8):  # CompVis: f=8 latents
-            raise SdgenError(f"{FLAGS[name]} must be a positive multiple of 8, got {value}")
-        if opts.factor and value % opts.factor:
-            raise SdgenError(f"{FLAGS[name]} {value} is not a multiple of --f {opts.factor}")
-    if opts.sampler is not None and opts.sampler not in SAMPLERS:
-        raise SdgenError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if opts.eta < 0:
-        raise SdgenError(f"--ddim_eta must be >= 0, got {opts.eta}")
-    if opts.sampler == "plms" and opts.eta != 0:
-        raise SdgenError("PLMS is deterministic: --ddim_eta must be 0 with --plms")
-    if opts.precision not in PRECISIONS:
-        raise SdgenError(f"unknown --precision {opts.precision!r} ({', '.join(PRECISIONS)})")
-    if opts.grid is not None and opts.grid not in SDXL_GRIDS:
-        raise SdgenError(f"unknown --grid {opts.grid!r} ({', '.join(SDXL_GRIDS)})")
-    for name in ("original_size", "crop_coords", "target_size"):
-        parse_pair(FLAGS[name], getattr(opts, name))
-    if opts.strength is not None and not 0.0 < opts.strength <= 1.0:
-        raise SdgenError(f"--strength must be in (0, 1], got {opts.strength}")
-    if (opts.s_churn or 0) < 0 or (opts.s_noise or 0) < 0:
-        raise SdgenError("--s-churn and --s-noise must be >= 0")
-    if opts.command == "img2img" and not opts.init_img:
-        raise SdgenError("img2img needs an input image: pass --init-img PATH")
-    if opts.command == "unclip-variate":
-        if not opts.init_img:
-            raise SdgenError("unclip-variate needs an input image: pass --init-img PATH (an image or a folder of "
-                             "images)")
-        if opts.noise_level is not None and not 0 <= opts.noise_level <= 999:
-            raise SdgenError(f"--noise-level must be in 0..999 (the augmentor's 1000 noise levels), "
-                             f"got {opts.noise_level}")
-        for flag, value in (("--clip-stats", opts.clip_stats), ("--embedder-ckpt", opts.embedder_ckpt)):
-            if value is not None and not Path(value).expanduser().is_file():
-                raise SdgenError(f"{flag} file not found: {value}")
-    if opts.command == "sdxl-refine":
-        _check_refine(opts)
-
-
-def _check_refine(opts: GenerateOptions) -> None:
-    if not opts.refiner_ckpt:
-        raise SdgenError(f"sdxl-refine needs the refiner checkpoint: pass --refiner-ckpt {FILE_SDXL_REFINER}")
-    if opts.init_img and opts.ckpt:
-        raise SdgenError("give either --ckpt (base -> refiner hand-over) or --init-img (refine an image), not both")
-    if not opts.init_img and not opts.ckpt:
-        raise SdgenError(f"pass --ckpt {FILE_SDXL_BASE} (base -> refiner hand-over) or --init-img IMAGE (refine it)")
-    if opts.init_img is None and opts.strength is not None:
-        raise SdgenError("--strength applies to --init-img; the base -> refiner hand-over uses --high-noise-frac")
-    if opts.init_img is not None and opts.high_noise_frac is not None:
-        raise SdgenError("--high-noise-frac applies to the base -> refiner hand-over (--ckpt), not to --init-img")
-    if opts.high_noise_frac is not None:
-        check_high_noise_frac(opts.high_noise_frac)
-
-
-def read_prompts(opts: GenerateOptions) -> list[str]:
-    """The run's prompts: ``prompt_list`` (replay), the lines of ``--from-file``, or the single prompt."""
-    from ldm.files import read_text_file
-
+def prompt_entries(opts: GenerateOptions) -> list[PromptEntry]:
+    """The run's prompts: recorded entries (replay), the lines of ``--from-file``, or the single prompt."""
+    if opts.prompt_entries is not None:
+        return [PromptEntry(e["prompt"], e.get("where", ""), dict(e.get("overrides") or {}))
+                for e in opts.prompt_entries]
     if opts.prompt_list is not None:
-        return list(opts.prompt_list)
-    if opts.from_file is None:
-        return [opts.prompt if opts.prompt is not None else COMMAND_DEFAULTS[opts.command]["prompt"]]
-    text = read_text_file(Path(opts.from_file), "prompt file")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise SdgenError(f"the prompt file {opts.from_file} holds no prompt (one prompt per line)")
-    return prompts
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda, else mps, else cpu; an explicit device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise SdgenError(f"unknown --device {name!r} (auto, cpu, cuda, cuda:N, mps)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SdgenError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SdgenError(f"--device {name}: MPS is not available on this machine")
-    return device
-
-
-def check_expectations(expect: Optional[Mapping[str, Any]], found: Mapping[str, Any]) -> None:
-    """Refuse files that differ from the ones a manifest recorded: every truthy ``expect`` entry (a key of
-    :data:`EXPECTATIONS`) must equal ``found``'s (raises SdgenError)."""
-    for key, value in (expect or {}).items():
-        if value and value != found.get(key):
-            raise SdgenError(EXPECTATIONS.get(key, f"{key} differs from the recorded one"))
-
-
-# ----------------------------------------------------------------------------- models
+        return [PromptEntry(p, f"prompt {n}") for n, p in enumerate(opts.prompt_list, start=1)]
+    if opts.from_file is not None:
+        entries = read_prompt_file(opts.from_file)
+        if opts.command == "unclip-variate" and any("init_img" in e.overrides for e in entries):
+            where = next(e.where for e in entries if "init_img" in e.overrides)
+            raise SdgenError(f"{where}: unclip-variate takes its images from --init-img, not from prompt lines")
+        return entries
+    prompt = opts.prompt if opts.prompt is not None else COMMAND_DEFAULTS[opts.command]["prompt"]
+    return [PromptEntry(prompt, "--prompt")]
 
 
 def _model(role: str, files: ModelFiles) -> ModelSpec:
@@ -268,7 +184,7 @@ def _unclip_model(opts: GenerateOptions) -> ModelSpec:
     return _model("model", files)
 
 
-# ----------------------------------------------------------------------------- defaults and sizes
+# ----------------------------------------------------------------------------- defaults, sizes, images
 
 
 def resolve_defaults(opts: GenerateOptions, spec: ModelSpec) -> GenerateOptions:
@@ -313,22 +229,35 @@ def check_geometry(config: Any, opts: GenerateOptions) -> int:
     return vae_factor
 
 
-def read_init_images(opts: GenerateOptions) -> list[tuple[Path, Any]]:
-    """The run's input images as (path, PIL image): the img2img / SDEdit image, or unCLIP's image or folder."""
-    if opts.init_img is None:
-        return []
-    paths = image_io.image_paths(opts.init_img) if opts.command == "unclip-variate" else [Path(opts.init_img)]
-    return [(p, image_io.read_image(p)) for p in paths]
+class InitImages:
+    """The run's input images, each read once and kept at every size a job asks for (:class:`InitImage`)."""
 
+    def __init__(self) -> None:
+        self.images: list[InitImage] = []
+        self._pil: dict[str, Any] = {}
+        self._index: dict[tuple, int] = {}
 
-def plan_init_images(opts: GenerateOptions, images: list[tuple[Path, Any]], multiple: int) -> list[InitImage]:
-    """The input images at the size the run uses: the img2img / SDEdit image at the requested size (or its own,
-    rounded down to ``multiple``); unCLIP's images at their own size rounded down to multiples of 64."""
-    if opts.command == "unclip-variate":
-        return [InitImage(p, file_sha256(p), image_io.image_to_tensor(pil, None, UNCLIP_INPUT_MULTIPLE))
-                for p, pil in images]
-    return [InitImage(p, file_sha256(p), image_io.fit_init_image(pil, opts.height, opts.width, multiple))
-            for p, pil in images]
+    def read(self, path: str | Path, where: str = "") -> Any:
+        key = str(Path(path).expanduser())
+        if key not in self._pil:
+            try:
+                self._pil[key] = image_io.read_image(key)
+            except SdgenError as exc:
+                raise SdgenError(f"{where}: {exc}" if where else str(exc)) from None
+        return self._pil[key]
+
+    def add(self, path: str | Path, size: Optional[tuple[int, int]], multiple: int) -> int:
+        """The index of ``path`` at ``size`` (height, width; None: its own size rounded down to ``multiple``)."""
+        key = (str(Path(path).expanduser()), size, multiple)
+        if key not in self._index:
+            pil = self.read(path)
+            if size is None:
+                tensor = image_io.image_to_tensor(pil, None, multiple)
+            else:
+                tensor = image_io.fit_init_image(pil, size[0], size[1], multiple)
+            self._index[key] = len(self.images)
+            self.images.append(InitImage(Path(key[0]), file_sha256(key[0]), tensor))
+        return self._index[key]
 
 
 def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int, width: int, factor: int) -> Settings:
@@ -350,16 +279,68 @@ def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int
     )
 
 
-def plan_batches(opts: GenerateOptions, prompts: list[str], init_images: list[InitImage]) -> list[list[ImageJob]]:
-    """The ordered batches of the run: the prompt batches (one per init image for unCLIP), ``n_iter`` times."""
-    per_prompt = prompt_batches(prompts, opts.n_samples, per_image=opts.per_image_prompts)
+# ----------------------------------------------------------------------------- prompt lines and sweep cells
+
+
+def effective_options(opts: GenerateOptions, values: Mapping[str, Any]) -> GenerateOptions:
+    """``opts`` with a prompt line's or sweep cell's own settings (SLD fields merged into the SLD settings)."""
+    from ldm.sld_config import load_preset, options_record, params_from_record
+
+    plain = {k: v for k, v in values.items() if k not in SLD_FIELDS and k not in ("prompt", "n_samples")}
+    changed = replace(opts, **plain)
+    sld = {k: v for k, v in values.items() if k in SLD_FIELDS}
+    if not sld:
+        return changed
+    source, params = params_from_record(opts.sld) if opts.sld else ("medium", load_preset("medium"))
+    if "sld" in sld:
+        source, params = str(sld["sld"]).strip().lower(), load_preset(str(sld.pop("sld")))
+    renames = {"sld_guidance_scale": "guidance_scale", "sld_warmup_steps": "warmup_steps",
+               "sld_threshold": "threshold", "sld_momentum_scale": "momentum_scale",
+               "sld_momentum_beta": "momentum_beta", "safety_concept": "safety_concept"}
+    params = params.replace(**{renames[k]: v for k, v in sld.items()})
+    return replace(changed, sld=options_record(params, source))
+
+
+def plan_units(opts: GenerateOptions, entries: list[PromptEntry], cell: Mapping[str, Any], specs: list[ModelSpec],
+               images: InitImages, multiple: int, factor: int) -> list[Unit]:
+    """The units of one iteration of a sweep cell (unCLIP: every prompt entry for each of its images)."""
+    cell_items = tuple(cell.items())
+    label = ", ".join(f"{k}={v}" for k, v in cell_items)
     if opts.command == "unclip-variate":
-        batches = [b for _ in init_images for b in per_prompt]
-        inits = [i for i in range(len(init_images)) for _ in per_prompt]
+        conditioning = [images.add(p, None, UNCLIP_INPUT_MULTIPLE) for p in image_io.image_paths(opts.init_img)]
     else:
-        batches, inits = per_prompt, [0 if init_images else None] * len(per_prompt)
-    return make_jobs(batches, opts.n_iter, opts.seed, negative_prompt=opts.negative_prompt,
-                     fixed_code=opts.fixed_code, init_images=inits)
+        conditioning = [None]
+    units = []
+    for init in conditioning:
+        for entry in entries:
+            where = entry.where if ":" in entry.where else (f"--sweep {label}" if label else "")
+            try:
+                eff = effective_options(opts, {**entry.overrides, **cell})
+                check_options(eff)
+                for spec in specs:
+                    check_geometry(spec.config, eff)
+                height, width = eff.height, eff.width
+                latent_init = init
+                if eff.init_img is not None and opts.command != "unclip-variate":
+                    size = None if height is None and width is None else (height, width)
+                    latent_init = images.add(eff.init_img, size, multiple)
+                    tensor = images.images[latent_init].tensor
+                    height, width = int(tensor.shape[1]), int(tensor.shape[2])
+                if height is None or width is None:
+                    raise SdgenError("--H and --W are needed without an init image")
+                for flag, value in (("--H", height), ("--W", width)):
+                    if value % multiple:
+                        raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for "
+                                         f"{'these models' if len(specs) > 1 else 'this model'} (VAE factor "
+                                         f"{factor} x UNet downsampling {multiple // factor})")
+                settings = sampling_settings(eff, specs, height, width, factor)
+            except SdgenError as exc:
+                raise SdgenError(f"{where}: {exc}" if where else str(exc)) from None
+            own = entry.overrides.get("n_samples")
+            count = own or (1 if opts.per_image_prompts else eff.n_samples)
+            units.append(Unit(entry, settings, count, own or eff.n_samples, eff.negative_prompt, latent_init,
+                              entry.overrides.get("seed"), cell_items))
+    return units
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -370,36 +351,48 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
     from ldm.generation.stages import plan_grids
 
     check_options(opts)
-    prompts = read_prompts(opts)
-    pil_images = read_init_images(opts)
+    entries = prompt_entries(opts)
+    sweeps = [parse_sweep(text) for text in opts.sweep]
+    cells = sweep_cells(sweeps)
+    images = InitImages()  # a bad image is reported before the models' files
+    if opts.command == "unclip-variate":
+        for path in image_io.image_paths(opts.init_img):
+            images.read(path)
+    for path, where in [(opts.init_img, "")] + [(e.overrides.get("init_img"), e.where) for e in entries]:
+        if path is not None and opts.command != "unclip-variate":
+            images.read(path, where)
     specs = plan_models(opts)
     check_family(opts, specs)
     opts = resolve_defaults(opts, specs[0])
     factors = [check_geometry(spec.config, opts) for spec in specs]
     multiple = max(latent_size_multiple(spec.config) for spec in specs)
-    init_images = plan_init_images(opts, pil_images, multiple)
-    height, width = opts.height, opts.width
-    if init_images and opts.command != "unclip-variate":
-        height, width = int(init_images[0].tensor.shape[1]), int(init_images[0].tensor.shape[2])
-    if height is None or width is None:
-        raise SdgenError("--H and --W are needed without an init image")
-    for flag, value in (("--H", height), ("--W", width)):
-        if value % multiple:
-            raise SdgenError(f"{flag} {value} must be a multiple of {multiple} for "
-                             f"{'these models' if len(specs) > 1 else 'this model'} "
-                             f"(VAE factor {factors[-1]} x UNet downsampling {multiple // factors[-1]})")
-    settings = sampling_settings(opts, specs, height, width, factors[-1])
-    plan_grids(settings, config_alphas_cumprod(specs[0].config), [spec.role for spec in specs])
+    cell_units = [plan_units(opts, entries, cell, specs, images, multiple, factors[-1]) for cell in cells]
+    seeds = [cell.get("seed", opts.seed) for cell in cells]
+    batches = lay_out(list(zip(seeds, cell_units)), opts.n_iter, fixed_code=opts.fixed_code)
+    groups: list[Settings] = []
+    alphas = config_alphas_cumprod(specs[0].config)
+    for units in cell_units:
+        for unit in units:
+            if unit.settings not in groups:
+                try:
+                    plan_grids(unit.settings, alphas, [spec.role for spec in specs])
+                except SdgenError as exc:
+                    where = unit.entry.where if ":" in unit.entry.where else ""
+                    raise SdgenError(f"{where}: {exc}" if where else str(exc)) from None
+                groups.append(unit.settings)
     if opts.safety_checker is not None and not opts.no_safety_checker:
         from ldm.checkpoint_reader import check_checkpoint_file
 
         check_checkpoint_file(opts.safety_checker, "safety-checker file")
-    batches = plan_batches(opts, prompts, init_images)
     out = OutputFolder(opts.outdir)
     device = resolve_device(opts.device)
+    inits = images.images
     found = {"checkpoint_sha256": specs[0].sha256,
              "refiner_checkpoint_sha256": specs[-1].sha256 if specs[-1].role == "refiner" else None,
-             "init_image_sha256": ([i.sha256 for i in init_images] if opts.command == "unclip-variate"
-                                   else (init_images[0].sha256 if init_images else None))}
+             "init_image_sha256": ([i.sha256 for i in inits] if opts.command == "unclip-variate"
+                                   else (inits[0].sha256 if inits else None))}
     check_expectations(expect, found)
-    return RunPlan(opts, specs, settings, batches, prompts, init_images, out, device)
+    return RunPlan(opts, specs, groups, batches, entries, inits, out, device, sweeps)
+
+
+__all__ = ["ModelSpec", "InitImage", "RunPlan", "plan_run", "plan_models", "resolve_defaults", "SWEEP_FIELDS"]

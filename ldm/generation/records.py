@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ldm import __version__
 from ldm.generation.plan import ModelSpec, RunPlan
+from ldm.generation.request import Settings
 from ldm.generation.stages import Stage, stage_summary
 from ldm.model_files import file_sha256
+from ldm.output import make_grid, make_xy_grid, png_pixels
+
+logger = logging.getLogger(__name__)
 
 SAMPLER_LABELS = {  # the names AUTOMATIC1111 writes in "Sampler: ..."
     "ddim": "DDIM",
@@ -81,7 +87,10 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
         header["init_image"] = {"path": str(plan.init_images[0].path.resolve()), "sha256": plan.init_images[0].sha256}
     header.update({
         "settings": plan.settings.record(),
+        "settings_groups": [settings.record() for settings in plan.groups],
         "stages": stage_summary(stages),
+        "sweeps": [{"field": s.field, "values": list(s.values)} for s in plan.sweeps],
+        "entries": [{"prompt": e.prompt, "where": e.where, "overrides": e.overrides} for e in plan.entries],
         "prompts": plan.prompts,
         "per_image_prompts": opts.per_image_prompts,
         "sampler": plan.settings.sampler,
@@ -92,11 +101,12 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
     return header
 
 
-def png_settings(plan: RunPlan, stages: Sequence[Stage], extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The ``Key: value`` line of the PNG parameters (A1111 order): the run's settings, then ``extra`` (e.g. the SLD
-    settings); the per-image keys (Seed, Batch size, Batch pos) are filled in by the writer. None values are left
-    out of the file."""
-    settings, main = plan.settings, plan.models[0]
+def png_settings(plan: RunPlan, settings: Settings, stages: Sequence[Stage],
+                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``Key: value`` line of the PNG parameters (A1111 order) of images made with ``settings``, then ``extra``
+    (e.g. the SLD settings); the per-image keys (Seed, Batch size, Batch pos) are filled in by the writer. None
+    values are left out of the file."""
+    main = plan.models[0]
     refiners = [s for s in stages if getattr(s.model, "is_refiner", False)]
     micro = getattr(stages[0].conditioner, "micro", None)
     two_stage = len(plan.models) == 2
@@ -127,3 +137,38 @@ def png_settings(plan: RunPlan, stages: Sequence[Stage], extra: Optional[dict[st
         "Precision": settings.precision,
         "Version": f"sdgen {__version__}",
     }
+
+
+def grid_image(plan: RunPlan, writer: Any, complete: bool) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """The run's grid (None with ``--skip_grid``) and the parameters it carries (its first image's).
+
+    All images in index order, ``--n_rows`` per row (CompVis ``make_grid``); with ``--sweep`` the labelled X/Y plot
+    instead (:func:`ldm.output.make_xy_grid`). Made from the images in memory when this process made them all
+    (``complete``), else read back from the sample files.
+    """
+    opts = plan.opts
+    jobs = [job for batch in plan.batches for job in batch]
+    if opts.skip_grid or not jobs:
+        return None, None
+    pixels: dict[int, np.ndarray] = dict(writer.pixels) if complete else {}
+    for job in jobs:
+        if job.index not in pixels:
+            path = plan.out.sample_path(job.index)
+            if not path.is_file():
+                logger.warning("no grid: image %d (%s) is not on disk", job.index, path.name)
+                return None, None
+            pixels[job.index] = png_pixels(path)
+    first = writer.first_parameters.get(jobs[0].index)
+    if not plan.sweeps:
+        return make_grid([pixels[job.index] for job in jobs], opts.n_rows or opts.n_samples), first
+    x_axis, y_axis = plan.sweeps[0], (plan.sweeps[1] if len(plan.sweeps) > 1 else None)
+    cells: dict[tuple[int, int], list[np.ndarray]] = {}
+    for job in jobs:
+        values = dict(job.cell)
+        x = x_axis.values.index(values[x_axis.field])
+        y = y_axis.values.index(values[y_axis.field]) if y_axis is not None else 0
+        cells.setdefault((y, x), []).append(pixels[job.index])
+    x_labels = [f"{x_axis.label}: {v}" for v in x_axis.values]
+    y_labels = [f"{y_axis.label}: {v}" for v in y_axis.values] if y_axis is not None else [""]
+    return make_xy_grid(cells, x_labels, y_labels), first
+

@@ -87,7 +87,8 @@ class Settings:
 @dataclass(frozen=True)
 class ImageJob:
     """One image of a run: its global index, seed, prompts, init image (an index into the run's init images, or
-    None) and its slot in the batch it is generated in."""
+    None), its slot in the batch it is generated in, its sampling settings (the same for the whole batch), its
+    sweep cell (``((field, value), ...)``, empty without ``--sweep``) and where its prompt came from."""
 
     index: int
     seed: int
@@ -96,6 +97,16 @@ class ImageJob:
     init_image: Optional[int] = None
     batch: int = 0
     position: int = 0
+    settings: Optional[Settings] = field(default=None, compare=False)
+    cell: tuple = ()
+    where: str = ""
+
+    def key(self, models: Sequence[str] = (), init_sha256: Optional[str] = None) -> dict[str, Any]:
+        """Everything that decides this image's pixels (what a resumed run must find unchanged): prompts, seed,
+        settings, the models' and the init image's sha256."""
+        return {"index": self.index, "seed": self.seed, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                "settings": self.settings.record() if self.settings is not None else None, "models": list(models),
+                "init_image": init_sha256}
 
 
 def prompt_batches(prompts: Sequence[str], batch_size: int, per_image: bool) -> list[list[str]]:

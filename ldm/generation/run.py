@@ -1,40 +1,46 @@
 """The run engine: options -> :func:`~ldm.generation.plan.plan_run` -> :func:`run` -> images and manifest.
 
-:func:`execute` is what every generation command calls; :func:`replay_manifest` runs a recorded run again
-through the same engine (refusing files whose sha256 changed). :func:`run` loads the planned models, builds the
-stages, and writes every image as soon as its batch is decoded (:class:`ldm.output.RunWriter`): a Ctrl-C keeps
-everything finished so far and ends the manifest as "interrupted".
+:func:`execute` is what every generation command calls: it plans the run (every input check, before any process
+or model starts), starts the run's processes (:mod:`ldm.generation.distributed`), and runs this process's share.
+:func:`replay_manifest` runs a recorded run again through the same engine, refusing files whose sha256 changed.
+:func:`run` loads the planned models, builds the stages of each settings group, and writes every image as soon as
+its batch is decoded (:mod:`ldm.generation.writer`): a Ctrl-C keeps everything finished so far and ends the
+manifest as "interrupted"; ``--resume`` makes only the images that are missing.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 
 from ldm.errors import SdgenError
+from ldm.generation.distributed import World, check_same_run, check_shared_folder, start
 from ldm.generation.generate import generate
 from ldm.generation.options import GenerateOptions
 from ldm.generation.plan import ModelSpec, RunPlan, plan_run
-from ldm.generation.records import manifest_header, png_settings
+from ldm.generation.records import grid_image, manifest_header, png_settings
+from ldm.generation.request import Settings
 from ldm.generation.stages import build_stages
-from ldm.output import RunResult, RunWriter, load_manifest
+from ldm.generation.writer import RunWriter, finished_jobs, read_parts
+from ldm.output import RunResult, load_manifest
 
 logger = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
-    """What a run reports while it works (a progress bar, a log): the run's size, each sampler step of a batch
-    and each written image."""
+    """What a run reports while it works (a progress bar, a log): the run's size and what is done already, each
+    sampler step of a batch, and the number of images done so far (all processes)."""
 
-    def start(self, images: int, batches: int) -> None: ...
+    def start(self, images: int, done: int) -> None: ...
 
     def batch(self, jobs: list) -> None: ...
 
     def step(self, done: int, total: int) -> None: ...
 
-    def image(self) -> None: ...
+    def images_done(self, done: int) -> None: ...
 
 
 def weights_dtype(kind: str, precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -63,56 +69,150 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
                       dtype=weights_dtype(spec.kind, plan.opts.precision, plan.device))
 
 
-def run(plan: RunPlan, *, progress: Optional[Progress] = None,
-        notify: Callable[[str], None] = logger.warning) -> RunResult:
-    """Generate and write every image of ``plan``; ``notify`` receives the run's one-line notices."""
+def job_record(plan: RunPlan, job: Any) -> dict[str, Any]:
+    """What decides a job's pixels, as its image file records it (compared by ``--resume``)."""
+    init = plan.init_images[job.init_image].sha256 if job.init_image is not None else None
+    return job.key(plan.models_sha256(), init)
+
+
+def open_run(plan: RunPlan) -> dict[str, Any]:
+    """Process 0: the run to write (a new one, or with ``--resume`` the folder's latest) and the jobs it has."""
+    out = plan.out
+    if not plan.opts.resume:
+        return {"run_number": out.run_number, "first_sample": out.first_sample, "done": set(), "previous": []}
+    path = out.latest_manifest()
+    if path is None:
+        raise SdgenError(f"--resume: {out.root} holds no run manifest (run-NNNN.json) to resume")
+    data = load_manifest(path)
+    if data.get("command") != plan.opts.command:
+        raise SdgenError(f"--resume: the latest run in {out.root} ({path.name}) is a {data.get('command')} run, not "
+                         f"{plan.opts.command}")
+    if "first_sample" not in data:
+        raise SdgenError(f"--resume: {path.name} was written by an sdgen without resumable runs; start a new run")
+    out.continue_run(int(path.stem.split("-")[1]), int(data["first_sample"]))
+    done = finished_jobs(out, {job.index: job_record(plan, job) for batch in plan.batches for job in batch})
+    records = {int(r["index"]): r for r in list(data.get("images") or []) + read_parts(out)}
+    previous = [records[k] for k in sorted(records) if k in done]
+    logger.info("resuming %s: %d of %d images are there", path.name, len(done), plan.num_images)
+    return {"run_number": out.run_number, "first_sample": out.first_sample, "done": done, "previous": previous}
+
+
+def _poll(writer: RunWriter, plan: RunPlan, done: int, progress: Progress, stop: threading.Event) -> None:
+    """Process 0 of several: count every process's written images (their part files) for the progress bar."""
+    while not stop.wait(0.5):
+        progress.images_done(done + len(read_parts(plan.out)))
+
+
+def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Progress] = None,
+        notify: Callable[[str], None] = logger.warning) -> Optional[RunResult]:
+    """Generate and write this process's share of ``plan``; process 0 returns the run's result once all are
+    done (the others None). ``notify`` receives the run's one-line notices."""
     from ldm.models.diffusion.unclip import missing_clip_stats_notice
     from ldm.safety.postprocess import OutputSafety
     from ldm.sampling.guidance import CFGGuidance
     from ldm.sampling.sld import SLDGuidance
 
-    opts, settings = plan.opts, plan.settings
+    world = world or World()
+    opts = plan.opts
+    check_same_run(world, {"checkpoints": plan.models_sha256(), "images": plan.num_images,
+                           "init images": [i.sha256 for i in plan.init_images]})
+    check_shared_folder(world, plan.out.root)
+    state = world.broadcast(open_run(plan) if world.is_main else None)
+    plan.out.continue_run(state["run_number"], state["first_sample"])
+    done: set[int] = state["done"]
+    todo = [batch for b, batch in enumerate(plan.batches)
+            if world.owns(b) and any(job.index not in done for job in batch)]
+
     safety = OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
                                   model_config=plan.models[-1].config, device=plan.device)
-    guidance = SLDGuidance.from_record(opts.sld) if opts.sld else CFGGuidance()
-    models = [(spec.role, load_run_model(spec, plan)) for spec in plan.models]
+    models = [(spec.role, load_run_model(spec, plan)) for spec in plan.models] if todo or world.is_main else []
     notices = [n for n in (missing_clip_stats_notice(m) for _, m in models if hasattr(m, "needs_clip_stats")) if n]
-    for notice in notices:
+    for notice in notices if world.is_main else ():
         notify(notice)
     tensors = [image.tensor for image in plan.init_images]
-    stages, start_sigma = build_stages(models, settings, tensors if plan.conditioning_images else ())
+    conditioning = tensors if plan.conditioning_images else ()
+    stages_of: dict[Settings, tuple] = {}
 
-    extra = guidance.png_settings(settings.scale) if opts.sld else {}
+    def stages_for(settings: Settings) -> tuple:
+        if settings not in stages_of:
+            stages_of[settings] = build_stages(models, settings, conditioning)
+        return stages_of[settings]
+
+    lines: dict[Settings, dict] = {}
+
+    def settings_line(job: Any) -> dict:
+        if job.settings not in lines:
+            extra = SLDGuidance.from_record(job.settings.sld).png_settings(job.settings.scale) if job.settings.sld else {}
+            lines[job.settings] = png_settings(plan, job.settings, stages_for(job.settings)[0], extra)
+        return lines[job.settings]
+
     names = [image.path.name for image in plan.init_images]
+    header = {**manifest_header(plan, stages_for(plan.settings)[0] if models else [], notices),
+              "first_sample": plan.out.first_sample}
     writer = RunWriter(
-        plan.out, manifest_header(plan, stages, notices), safety, png_settings(plan, stages, extra),
-        batch_sizes={job.batch: len(batch) for batch in plan.batches for job in batch},
-        skip_save=opts.skip_save, skip_grid=opts.skip_grid, n_rows=opts.n_rows or opts.n_samples,
+        plan.out, rank=world.rank, main=world.is_main, header=header, safety=safety, settings_line=settings_line,
+        batch_sizes={job.batch: len(batch) for batch in plan.batches for job in batch}, skip_save=opts.skip_save,
+        job_record=lambda job: job_record(plan, job), previous=state["previous"],
         per_image=(lambda job: {"Init image": names[job.init_image]}) if plan.conditioning_images else None,
     )
     if progress is not None:
-        progress.start(plan.num_images, len(plan.batches))
-    images = generate(stages, plan.batches, settings, start_sigma=start_sigma, init_images=tensors,
-                      guidance=guidance, safety_checker=safety.checker,
-                      on_step=progress.step if progress is not None else None,
-                      on_batch=progress.batch if progress is not None else None)
+        progress.start(plan.num_images, len(done))
+    stop = threading.Event()
+    if progress is not None and world.size > 1:
+        threading.Thread(target=_poll, args=(writer, plan, len(done), progress, stop), daemon=True).start()
     try:
-        for image in images:
-            writer.write(image)
-            if progress is not None:
-                progress.image()
+        for settings, batches in _groups(todo):
+            stages, start_sigma = stages_for(settings)
+            guidance = SLDGuidance.from_record(settings.sld) if settings.sld else CFGGuidance()
+            logger.info("process %d: %d batches of %s, %d steps", world.rank, len(batches), settings.sampler,
+                        settings.steps)
+            for image in generate(stages, batches, settings, start_sigma=start_sigma, init_images=tensors,
+                                  guidance=guidance, safety_checker=safety.checker,
+                                  on_step=progress.step if progress is not None else None,
+                                  on_batch=progress.batch if progress is not None else None):
+                if image.job.index in done:
+                    continue  # a batch is made whole (the same pixels); its images already there are kept
+                writer.write(image)
+                if progress is not None and world.size == 1:
+                    progress.images_done(len(done) + writer.written)
     except KeyboardInterrupt:
+        stop.set()
         raise writer.interrupted(plan.num_images) from None
     except BaseException:
+        stop.set()
         writer.failed()
         raise
-    return writer.complete()
+    writer.close()
+    world.wait_for_all()
+    stop.set()
+    if not world.is_main:
+        return None
+    grid, parameters = grid_image(plan, writer, complete=not done and world.size == 1)
+    return writer.complete(grid, parameters)
+
+
+def _groups(batches: list[list[Any]]) -> list[tuple[Settings, list[list[Any]]]]:
+    """Consecutive batches with equal settings, in plan order (one set of stages each)."""
+    out: list[tuple[Settings, list[list[Any]]]] = []
+    for batch in batches:
+        settings = batch[0].settings
+        if out and out[-1][0] == settings:
+            out[-1][1].append(batch)
+        else:
+            out.append((settings, [batch]))
+    return out
 
 
 def execute(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = None,
-            progress: Optional[Progress] = None, notify: Callable[[str], None] = logger.warning) -> RunResult:
-    """Plan and run a generation command from its options; ``expect`` holds hashes a replay must find."""
-    return run(plan_run(opts, expect=expect), progress=progress, notify=notify)
+            progress: Optional[Progress] = None, notify: Callable[[str], None] = logger.warning
+            ) -> Optional[RunResult]:
+    """Plan, start the processes of, and run a generation command from its options; ``expect`` holds hashes a
+    replay must find. Process 0 returns the run's result, the others None."""
+    plan = plan_run(opts, expect=expect)
+    world = start(opts.devices, opts.num_nodes, opts.accelerator, opts.dist_timeout)
+    if world.device is not None:
+        plan.device = world.device
+    return run(plan, world=world, progress=progress if world.is_main else None, notify=notify)
 
 
 REPLAYABLE = ("txt2img", "img2img", "safe-txt2img", "unclip-variate", "sdxl-refine")
@@ -124,8 +224,10 @@ def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
     command = data.get("command")
     if command not in REPLAYABLE:
         raise SdgenError(f"cannot replay a {command!r} run (replayable: {', '.join(REPLAYABLE)})")
-    changes: dict[str, Any] = {"command": command}
-    if data.get("per_image_prompts"):
+    changes: dict[str, Any] = {"command": command, "resume": False}
+    if data.get("entries") is not None:
+        changes["prompt_entries"] = list(data["entries"])
+    elif data.get("per_image_prompts"):
         changes["prompt_list"] = list(data["prompts"])
     opts = GenerateOptions.from_record(data.get("options") or {}, **changes)
     opts = GenerateOptions.from_record({**opts.to_dict(), "outdir": outdir or opts.outdir,
@@ -141,8 +243,11 @@ def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
 
 
 def replay_manifest(path_or_data: Any, outdir: Optional[str] = None, device: Optional[str] = None, *,
-                    progress: Optional[Progress] = None) -> RunResult:
+                    progress: Optional[Progress] = None) -> Optional[RunResult]:
     """Run a recorded run again (a manifest path or its loaded data), to identical images on the same device."""
     data = path_or_data if isinstance(path_or_data, Mapping) else load_manifest(path_or_data)
     opts, expect = options_from_manifest(data, outdir, device)
     return execute(opts, expect=expect, progress=progress)
+
+
+__all__ = ["execute", "run", "replay_manifest", "options_from_manifest", "Progress"]
