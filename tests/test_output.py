@@ -96,9 +96,12 @@ def test_numbering_continues_after_existing_files(tmp_path):
     folder = OutputFolder(tmp_path)
     assert folder.run_number == 4
     assert folder.manifest_path.name == "run-0004.json" and folder.grid_path.name == "grid-0004.png"
-    path, _ = folder.save_sample(np.zeros((4, 4, 3), np.uint8), None)
-    assert path.name == "00008.png"
-    assert folder.save_sample(np.zeros((4, 4, 3), np.uint8), None)[0].name == "00009.png"
+    path, _ = folder.save_sample(np.zeros((4, 4, 3), np.uint8), 0, None)
+    assert path.name == "00008.png"  # image k of the run is first_sample + k
+    assert folder.save_sample(np.zeros((4, 4, 3), np.uint8), 1, None)[0].name == "00009.png"
+    folder.continue_run(2, 100)  # --resume: an earlier run's numbers
+    assert folder.sample_path(3).name == "00103.png" and folder.manifest_path.name == "run-0002.json"
+    assert not list(tmp_path.glob("samples/.*.tmp"))  # written beside, then renamed
 
 
 def test_unwritable_output_folder_is_a_user_error(tmp_path):

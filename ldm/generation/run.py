@@ -225,10 +225,11 @@ def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
     if command not in REPLAYABLE:
         raise SdgenError(f"cannot replay a {command!r} run (replayable: {', '.join(REPLAYABLE)})")
     changes: dict[str, Any] = {"command": command, "resume": False}
-    if data.get("entries") is not None:
-        changes["prompt_entries"] = list(data["entries"])
-    elif data.get("per_image_prompts"):
-        changes["prompt_list"] = list(data["prompts"])
+    if data.get("per_image_prompts"):  # a prompt file: its lines as recorded (with their own settings)
+        if data.get("entries") is not None:
+            changes["prompt_entries"] = list(data["entries"])
+        else:
+            changes["prompt_list"] = list(data["prompts"])
     opts = GenerateOptions.from_record(data.get("options") or {}, **changes)
     opts = GenerateOptions.from_record({**opts.to_dict(), "outdir": outdir or opts.outdir,
                                         "device": device or data.get("device", opts.device)})
