@@ -122,8 +122,9 @@ def read_job(path: Path) -> Optional[dict[str, Any]]:
     none: such an image counts as not made yet."""
     try:
         with Image.open(path) as image:
+            image.verify()  # every chunk's CRC, up to IEND
+        with Image.open(path) as image:
             text = image.text.get(JOB_KEY)  # type: ignore[attr-defined]
-            image.verify()
         return json.loads(text) if text else None
     except (OSError, ValueError, SyntaxError):
         return None
@@ -353,7 +354,7 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def relative_to(path: Path, root: Path) -> str:

@@ -148,6 +148,8 @@ def flags(command: str) -> SimpleNamespace:
         devices=_opt("--devices", kind=int_, default="1, or what torchrun / SLURM started",
                      help="processes on this machine (one per GPU, or CPU processes); the images are the same for "
                      "any number"),
+        threads=_opt("--threads", kind=int_, default="the cores / the processes on this machine",
+                     help="CPU threads per process"),
         num_nodes=_opt("--num-nodes", kind=int, help="machines taking part (each started with the same command, "
                        "e.g. by torchrun or srun; --outdir on a shared file system)"),
         accelerator=_opt("--accelerator", kind=str, help="auto | cpu | cuda: what the processes run on"),
@@ -165,7 +167,7 @@ COMMON_FLAGS = ("prompt_arg", "prompt", "negative_prompt", "from_file", "outdir"
                 "n_samples", "n_rows", "scale", "seed", "fixed_code", "config", "ckpt", "precision", "device",
                 "safety_checker", "no_safety_checker", "no_watermark")
 #: The flags of a run at scale: sweeps, resume, and the processes / machines it runs on.
-RUN_FLAGS = ("sweep", "resume", "devices", "num_nodes", "accelerator", "dist_timeout")
+RUN_FLAGS = ("sweep", "resume", "devices", "threads", "num_nodes", "accelerator", "dist_timeout")
 #: The SDXL grid and micro-conditioning flags.
 SDXL_FLAGS = ("grid", "original_size", "crop_coords", "target_size", "aesthetic_score", "negative_aesthetic_score")
 

@@ -60,6 +60,8 @@ def check_options(opts: GenerateOptions) -> None:
         raise SdgenError("--s-churn and --s-noise must be >= 0")
     if opts.devices is not None and opts.devices < 1:
         raise SdgenError(f"--devices must be at least 1, got {opts.devices}")
+    if opts.threads is not None and opts.threads < 1:
+        raise SdgenError(f"--threads must be at least 1, got {opts.threads}")
     if opts.num_nodes < 1:
         raise SdgenError(f"--num-nodes must be at least 1, got {opts.num_nodes}")
     if opts.accelerator not in ("auto", "cpu", "cuda", "gpu"):

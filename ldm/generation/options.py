@@ -47,6 +47,7 @@ class GenerateOptions:
         resume: write only the images of the latest run in ``outdir`` that are missing.
         devices, num_nodes, accelerator, dist_timeout: processes per machine, machines, the device kind, and how
             long (s) processes wait for each other to connect (:mod:`ldm.generation.distributed`).
+        threads: CPU threads per process (None: the cores shared out over the machine's processes).
         safety_checker / no_safety_checker / watermark: output safety; precision / device: where and how.
     """
 
@@ -98,6 +99,7 @@ class GenerateOptions:
     precision: str = "autocast"
     device: str = "auto"
     devices: Optional[int] = None
+    threads: Optional[int] = None
     num_nodes: int = 1
     accelerator: str = "auto"
     dist_timeout: float = 300.0

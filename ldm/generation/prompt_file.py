@@ -112,6 +112,7 @@ def read_prompt_file(path: str | Path) -> list[PromptEntry]:
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or "prompt" not in [f.strip() for f in reader.fieldnames]:
             raise SdgenError(f"{name}:1: the header row must name a 'prompt' column (got {reader.fieldnames})")
+        parse_fields({column: None for column in reader.fieldnames}, f"{name}:1")  # unknown columns
         rows = []
         for row in reader:
             if None in row:

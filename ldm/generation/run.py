@@ -209,7 +209,7 @@ def execute(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = None
     """Plan, start the processes of, and run a generation command from its options; ``expect`` holds hashes a
     replay must find. Process 0 returns the run's result, the others None."""
     plan = plan_run(opts, expect=expect)
-    world = start(opts.devices, opts.num_nodes, opts.accelerator, opts.dist_timeout)
+    world = start(opts.devices, opts.num_nodes, opts.accelerator, opts.dist_timeout, opts.threads)
     if world.device is not None:
         plan.device = world.device
     return run(plan, world=world, progress=progress if world.is_main else None, notify=notify)
