@@ -93,6 +93,8 @@ class GenerateOptions:
     clip_stats: Optional[str] = None
     embedder_ckpt: Optional[str] = None
     sld: Optional[dict[str, Any]] = None
+    prompt_syntax: str = "a1111"
+    clip_skip: int = 1
     sweep: list[str] = field(default_factory=list)
     prompt_entries: Optional[list[dict[str, Any]]] = None
     resume: bool = False

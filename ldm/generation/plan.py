@@ -274,7 +274,7 @@ def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int
         noise_level=opts.noise_level or 0, original_size=parse_pair(FLAGS["original_size"], opts.original_size),
         crop_coords=parse_pair(FLAGS["crop_coords"], opts.crop_coords),
         target_size=parse_pair(FLAGS["target_size"], opts.target_size),
-        sld=opts.sld,
+        sld=opts.sld, prompt_syntax=opts.prompt_syntax, clip_skip=opts.clip_skip,
         **{k: getattr(opts, k) for k in ("aesthetic_score", "negative_aesthetic_score") if getattr(opts, k) is not None},
     )
 

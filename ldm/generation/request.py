@@ -35,6 +35,8 @@ class Settings:
         original_size, crop_coords, target_size, aesthetic_score, negative_aesthetic_score: SDXL
             micro-conditioning (None: the image size / (0, 0) / the image size).
         sld: Safe Latent Diffusion settings (:func:`ldm.sld_config.options_record`), None for plain CFG.
+        prompt_syntax: "a1111" (weights, BREAK, long prompts) or "original" (the scripts' text, cut at 77).
+        clip_skip: A1111's clip skip (1: the text encoders' usual output layer).
     """
 
     sampler: str
@@ -60,6 +62,8 @@ class Settings:
     aesthetic_score: float = SDXL_DEFAULTS["aesthetic_score"]
     negative_aesthetic_score: float = SDXL_DEFAULTS["negative_aesthetic_score"]
     sld: Optional[dict[str, Any]] = field(default=None, hash=False)
+    prompt_syntax: str = "a1111"
+    clip_skip: int = 1
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -24,6 +24,7 @@ import torch
 from ldm.errors import SdgenError
 from ldm.generation.request import Settings
 from ldm.models.diffusion.conditioners import ConditioningInputs
+from ldm.modules.encoders.prompts import TextOptions
 from ldm.sampling import grids, schedules
 
 logger = logging.getLogger(__name__)
@@ -89,12 +90,15 @@ def micro_conditioning(settings: Settings, role: str, two_stage: bool):
 
 
 def build_stages(
-    models: Sequence[tuple[str, Any]], settings: Settings, images: Sequence[torch.Tensor] = ()
+    models: Sequence[tuple[str, Any]], settings: Settings, images: Sequence[torch.Tensor] = (),
+    embeddings: Sequence[str] = (),
 ) -> tuple[list[Stage], Optional[torch.Tensor]]:
     """The stages of a run of the loaded ``models`` (``(role, model)`` in order) and the img2img start sigma.
 
-    ``images`` are the run's init images (3, H, W) in [-1, 1], for conditioners that embed them (unCLIP).
+    ``images`` are the run's init images (3, H, W) in [-1, 1], for conditioners that embed them (unCLIP);
+    ``embeddings`` the trigger words of the textual-inversion embeddings registered in the models.
     """
+    text = TextOptions(settings.prompt_syntax, settings.clip_skip, tuple(embeddings))
     alphas = models[0][1].alphas_cumprod
     for role, model in models[1:]:
         if not torch.equal(torch.as_tensor(model.alphas_cumprod).double().cpu(), torch.as_tensor(alphas).double().cpu()):
@@ -106,7 +110,7 @@ def build_stages(
         device = getattr(model, "device", None)
         micro = micro_conditioning(settings, role, two_stage)
         inputs = ConditioningInputs(micro=micro, images=[t.to(device) for t in images],
-                                    noise_level=settings.noise_level)
+                                    noise_level=settings.noise_level, text=text)
         stages.append(Stage(role, model, model.make_denoiser(settings.grid), model.make_conditioner(inputs), sigmas))
         logger.info("%s: %d steps, sigma %.4f -> %.4f", role, stages[-1].steps, float(sigmas[0]), float(sigmas[-1]))
     return stages, run_grids.start_sigma

@@ -39,6 +39,8 @@ class ConditioningInputs:
 
     Attributes:
         micro: SDXL micro-conditioning (:class:`ldm.models.diffusion.engine.MicroConditioning`).
+        text: how prompts are encoded (:class:`ldm.modules.encoders.prompts.TextOptions`; None: the original
+            scripts' conditioning).
         images: init images (3, H, W) in [-1, 1] an image-variation model embeds (by the jobs' ``init_image``).
         noise_level: the unCLIP noise augmentation level of the image embeddings.
     """
@@ -46,46 +48,75 @@ class ConditioningInputs:
     micro: Any = None
     images: Sequence[torch.Tensor] = field(default_factory=tuple)
     noise_level: int = 0
+    text: Any = None
+
+
+def _chunks_of(like: Optional[Mapping[str, Any]]) -> int:
+    """How many 77-token chunks a cond dict's text context has (1 without one)."""
+    context = (like or {}).get("crossattn")
+    return max(1, int(context.shape[1]) // 77) if context is not None else 1
+
+
+def _same_length(cond: Mapping[str, Any], like: Optional[Mapping[str, Any]], what: str) -> None:
+    if like is not None and "crossattn" in like and cond["crossattn"].shape[1] != like["crossattn"].shape[1]:
+        raise SdgenError(f"{what} needs {cond['crossattn'].shape[1] // 77} chunks of 77 tokens, the prompt "
+                         f"{like['crossattn'].shape[1] // 77}: shorten it or lengthen the prompt")
 
 
 class TextConditioner:
-    """SD 1.x / 2.x text conditioning through ``model.get_learned_conditioning`` (cond key "crossattn")."""
+    """SD 1.x / 2.x text conditioning through ``model.get_learned_conditioning`` (cond key "crossattn"); a batch's
+    prompts and negative prompts get the same number of 77-token chunks (A1111)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, options: Any = None) -> None:
         self.model = model
+        self.options = options
 
-    def encode(self, prompts: Sequence[str], like: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-        """Prompts -> ``{"crossattn": (len(prompts), L, D)}``; ``like``'s other entries (an ADM "vector") are
-        carried over."""
+    def encode(self, prompts: Sequence[str], like: Optional[Mapping[str, Any]] = None,
+               min_chunks: int = 1) -> dict[str, Any]:
+        """Prompts -> ``{"crossattn": (len(prompts), 77 k, D)}`` with as many chunks as ``like``'s context;
+        ``like``'s other entries (an ADM "vector") are carried over."""
         cond = {k: v for k, v in (like or {}).items() if k != "crossattn"}
-        cond["crossattn"] = self.model.get_learned_conditioning(list(prompts))
+        if self.options is None:
+            cond["crossattn"] = self.model.get_learned_conditioning(list(prompts))
+        else:
+            chunks = max(min_chunks, _chunks_of(like))
+            cond["crossattn"] = self.model.get_learned_conditioning(list(prompts), self.options, chunks)
+        _same_length(cond, like, "the extra prompt (the SLD safety concept)")
         return cond
 
     def __call__(self, jobs: Sequence[Job], with_uncond: bool = True) -> dict[str, dict[str, Any]]:
         """``{"cond": ..., "uncond": ...}`` of a batch; "uncond" only ``with_uncond`` (guidance scale != 1)."""
-        cond = {"cond": self.encode([job.prompt for job in jobs])}
+        prompts = [job.prompt for job in jobs]
+        negatives = [job.negative_prompt for job in jobs] if with_uncond else []
+        chunks = self.model.count_chunks(prompts + negatives, self.options) if self.options is not None else 1
+        cond = {"cond": self.encode(prompts, min_chunks=chunks)}
         if with_uncond:
-            cond["uncond"] = self.encode([job.negative_prompt for job in jobs])
+            cond["uncond"] = self.encode(negatives, min_chunks=chunks)
         return cond
 
 
 class SDXLConditioner:
     """SDXL conditioning of one stage: text plus the stage's micro-conditioning (SGM demo ``get_batch``)."""
 
-    def __init__(self, model: Any, micro: Any) -> None:
+    def __init__(self, model: Any, micro: Any, options: Any = None) -> None:
         if micro is None:
             raise SdgenError("the SDXL conditioner needs the micro-conditioning (sizes, crop, aesthetic score)")
         self.model = model
         self.micro = micro
+        self.options = options
 
     def encode(self, prompts: Sequence[str], like: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
         """Prompts -> the conditional branch's ``{"crossattn": (B, 77, D), "vector": (B, A)}`` with this stage's
-        micro-conditioning (the pooled text is part of the vector, so ``like`` adds nothing)."""
-        return self.model.conditioner(self.model.conditioning_batch(list(prompts), self.micro))
+        micro-conditioning (the pooled text is part of the vector), as many chunks as ``like``'s context."""
+        batch = self.model.conditioning_batch(list(prompts), self.micro, options=self.options,
+                                              min_chunks=_chunks_of(like))
+        cond = self.model.conditioner(batch)
+        _same_length(cond, like, "the extra prompt (the SLD safety concept)")
+        return cond
 
     def __call__(self, jobs: Sequence[Job], with_uncond: bool = True) -> dict[str, dict[str, Any]]:
         cond, uncond = self.model.get_cond_uncond([job.prompt for job in jobs],
-                                                  [job.negative_prompt for job in jobs], self.micro)
+                                                  [job.negative_prompt for job in jobs], self.micro, self.options)
         return {"cond": cond, "uncond": uncond} if with_uncond else {"cond": cond}
 
 
@@ -116,8 +147,8 @@ class ImageVariationConditioning(TextConditioner):
         noise_level: 0 .. ``model.max_noise_level - 1``.
     """
 
-    def __init__(self, model: Any, images: Sequence[torch.Tensor], noise_level: int) -> None:
-        super().__init__(model)
+    def __init__(self, model: Any, images: Sequence[torch.Tensor], noise_level: int, options: Any = None) -> None:
+        super().__init__(model, options)
         if not images:
             raise SdgenError("image variations need at least one init image")
         if not 0 <= int(noise_level) < model.max_noise_level:

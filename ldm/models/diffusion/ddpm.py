@@ -277,15 +277,31 @@ class LatentDiffusion(nn.Module):
         """Floating dtype of the UNet weights."""
         return module_dtype(self.model)
 
-    def get_learned_conditioning(self, c: Any) -> torch.Tensor:
-        """Encode conditioning input (for SD 1/2: a list of B prompts) -> (B, 77, D) context."""
+    def get_learned_conditioning(self, c: Any, options: Any = None, min_chunks: int = 1) -> torch.Tensor:
+        """Encode conditioning input (for SD 1/2: a list of B prompts) -> (B, 77 k, D) context; ``options``
+        (:class:`ldm.modules.encoders.prompts.TextOptions`) selects the prompt syntax and clip skip, None the
+        original scripts' conditioning; the prompts get at least ``min_chunks`` chunks of 77."""
         if self.cond_stage_model is None:
             raise SdgenError("this model is unconditional: it has no conditioning encoder")
+        if options is not None:
+            return self.cond_stage_model(c, options=options, min_chunks=min_chunks)
         encode = getattr(self.cond_stage_model, "encode", None)
         c = encode(c) if callable(encode) else self.cond_stage_model(c)
         if not isinstance(c, torch.Tensor) and callable(getattr(c, "mode", None)):
             c = c.mode()  # a Gaussian posterior (first-stage conditioning)
         return c
+
+    def count_chunks(self, texts: Sequence[str], options: Any) -> int:
+        """How many 77-token chunks the longest of ``texts`` needs with ``options``."""
+        from ldm.modules.encoders.prompts import count_chunks
+
+        return count_chunks(self.cond_stage_model, texts, options)
+
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders (what textual-inversion embeddings register into), in conditioning order."""
+        from ldm.modules.encoders.modules import TextEncoder
+
+        return [self.cond_stage_model] if isinstance(self.cond_stage_model, TextEncoder) else []
 
     def encode_first_stage(self, x: torch.Tensor):
         """Image (B,3,H,W) in [-1, 1] -> the VAE posterior (a DiagonalGaussianDistribution over (B,4,H/8,W/8))."""
@@ -325,7 +341,7 @@ class LatentDiffusion(nn.Module):
         """The text conditioner of SD 1.x / 2.x (:class:`ldm.models.diffusion.conditioners.TextConditioner`)."""
         from ldm.models.diffusion.conditioners import TextConditioner
 
-        return TextConditioner(self)
+        return TextConditioner(self, getattr(inputs, "text", None))
 
     # ---- network ---------------------------------------------------------------------------------------------
 

@@ -251,7 +251,7 @@ class DiffusionEngine(nn.Module):
         (:class:`ldm.models.diffusion.conditioners.SDXLConditioner`)."""
         from ldm.models.diffusion.conditioners import SDXLConditioner
 
-        return SDXLConditioner(self, getattr(inputs, "micro", None))
+        return SDXLConditioner(self, getattr(inputs, "micro", None), getattr(inputs, "text", None))
 
     def discretization(self):
         """The config's ``LegacyDDPMDiscretization`` (the training schedule of the denoiser's sigma table)."""
@@ -274,11 +274,13 @@ class DiffusionEngine(nn.Module):
     # ---- conditioning ----------------------------------------------------------------------------------------
 
     def conditioning_batch(
-        self, prompts: Sequence[str], micro: MicroConditioning, unconditional: bool = False
+        self, prompts: Sequence[str], micro: MicroConditioning, unconditional: bool = False, options: Any = None,
+        min_chunks: int = 1,
     ) -> dict[str, Any]:
-        """The conditioner's input batch for ``prompts``: ``{"txt": [...], "<size key>": (B, d) float32, ...}``."""
+        """The conditioner's input batch for ``prompts``: ``{"txt": [...], "<size key>": (B, d) float32, ...}``;
+        with text ``options`` (:class:`ldm.modules.encoders.prompts.TextOptions`) also ``"txt_options"``."""
         values = micro.values(unconditional)
-        batch: dict[str, Any] = {}
+        batch: dict[str, Any] = {} if options is None else {"txt_options": (options, min_chunks)}
         for key in self.conditioner_input_keys:
             if key == "txt":
                 batch[key] = list(prompts)
@@ -296,9 +298,21 @@ class DiffusionEngine(nn.Module):
             c = self.conditioning_batch(list(c), MicroConditioning.for_image(d["height"], d["width"]))
         return self.conditioner(c)
 
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders (what textual-inversion embeddings register into), in embedder order."""
+        from ldm.modules.encoders.modules import TextEncoder
+
+        return [e for e in self.conditioner.embedders if isinstance(e, TextEncoder)]
+
+    def count_chunks(self, texts: Sequence[str], options: Any) -> int:
+        """How many 77-token chunks the longest of ``texts`` needs with ``options`` (every text encoder the same)."""
+        from ldm.modules.encoders.prompts import count_chunks
+
+        return max(count_chunks(e, texts, options) for e in self.text_encoders())
+
     @torch.no_grad()
     def get_cond_uncond(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str], micro: MicroConditioning
+        self, prompts: Sequence[str], negative_prompts: Sequence[str], micro: MicroConditioning, options: Any = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(cond, uncond) dicts as the SGM demo builds them.
 
@@ -313,8 +327,10 @@ class DiffusionEngine(nn.Module):
         zero = list(self.force_uc_zero_embeddings)
         if any(n.strip() for n in negative_prompts) and "txt" in zero:
             zero.remove("txt")
-        batch_c = self.conditioning_batch(prompts, micro)
-        batch_uc = self.conditioning_batch(negative_prompts, micro, unconditional=True)
+        chunks = self.count_chunks(list(prompts) + list(negative_prompts), options) if options is not None else 1
+        batch_c = self.conditioning_batch(prompts, micro, options=options, min_chunks=chunks)
+        batch_uc = self.conditioning_batch(negative_prompts, micro, unconditional=True, options=options,
+                                           min_chunks=chunks)
         return self.conditioner.get_unconditional_conditioning(batch_c, batch_uc, force_uc_zero_embeddings=zero)
 
     # ---- first stage -----------------------------------------------------------------------------------------

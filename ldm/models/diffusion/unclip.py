@@ -191,7 +191,7 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
 
         if inputs is None or not inputs.images:
             raise SdgenError("image variations need at least one init image")
-        return ImageVariationConditioning(self, inputs.images, inputs.noise_level)
+        return ImageVariationConditioning(self, inputs.images, inputs.noise_level, inputs.text)
 
 
 # ------------------------------------------------------------------------------------------------------------

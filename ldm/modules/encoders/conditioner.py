@@ -120,7 +120,11 @@ class GeneralConditioner(nn.Module):
                     args = self._embedder_input(embedder, batch, generator)
                 else:
                     args = [batch[k] for k in embedder.input_keys]
-                emb_out = embedder(*args)
+                options, min_chunks = batch.get("txt_options") or (None, 1)
+                if options is not None and getattr(embedder, "input_key", None) == "txt":
+                    emb_out = embedder(*args, options=options, min_chunks=min_chunks)
+                else:
+                    emb_out = embedder(*args)
             if not isinstance(emb_out, (list, tuple)):
                 emb_out = [emb_out]
             for emb in emb_out:

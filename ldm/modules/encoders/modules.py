@@ -27,7 +27,17 @@ import torch
 from torch import nn
 
 from ldm.errors import SdgenError
-from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, tokenize_hf, tokenize_open_clip
+from ldm.modules.encoders.prompts import TextOptions, encode_prompts
+from ldm.modules.encoders.tokenizer import (
+    BOS_ID,
+    CONTEXT_LENGTH,
+    EOS_ID,
+    OPEN_CLIP_PAD_ID,
+    hf_clip_tokenizer,
+    open_clip_tokenizer,
+    tokenize_hf,
+    tokenize_open_clip,
+)
 
 # openai/clip-vit-large-patch14 text tower (hub config.json "text_config"); eos_token_id 2 selects the
 # argmax (EOT) pooling of transformers' CLIPTextTransformer, as for the released model.
@@ -91,6 +101,53 @@ class AbstractEncoder(nn.Module):
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         return self(*args, **kwargs)
+
+
+class TextEncoder(AbstractEncoder):
+    """A text encoder :mod:`ldm.modules.encoders.prompts` can drive: token ids in, context (and pooled) out, and
+    textual-inversion embeddings added as extra tokens."""
+
+    id_start, id_end, id_pad = BOS_ID, EOS_ID, EOS_ID
+
+    def word_ids(self, text: str) -> list[int]:
+        """The BPE ids of ``text``, without BOS / EOS."""
+        raise NotImplementedError
+
+    def embedding_ids(self, name: str) -> list[int]:
+        """The token ids of the textual-inversion embedding ``name`` (:meth:`register_embedding`)."""
+        return list(self._embedding_ids()[name])
+
+    def _embedding_ids(self) -> dict[str, list[int]]:
+        if "_embedding_table" not in self.__dict__:
+            self.__dict__["_embedding_table"] = {}
+        return self.__dict__["_embedding_table"]
+
+    def _token_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def register_embedding(self, name: str, vectors: torch.Tensor) -> list[int]:
+        """Add the vectors (n, D) of a textual-inversion embedding as n new tokens; returns their ids.
+
+        The token table grows by n rows (ids past the vocabulary); the words of the vocabulary keep theirs.
+        """
+        table = self._token_embedding()
+        if vectors.ndim != 2 or vectors.shape[1] != table.embedding_dim:
+            raise SdgenError(f"embedding {name!r} has vectors of width {tuple(vectors.shape)[-1]}, this text "
+                             f"encoder needs {table.embedding_dim}")
+        weight = table.weight.detach()
+        start = weight.shape[0]
+        grown = nn.Embedding(start + vectors.shape[0], table.embedding_dim, device=weight.device, dtype=weight.dtype)
+        grown.weight.data[:start] = weight
+        grown.weight.data[start:] = vectors.to(weight)
+        grown.requires_grad_(False)
+        self._set_token_embedding(grown)
+        ids = list(range(start, start + vectors.shape[0]))
+        self._embedding_ids()[name] = ids
+        return ids
+
+    def _set_token_embedding(self, table: nn.Embedding) -> None:
+        raise NotImplementedError
+
 
 
 def causal_mask(n: int) -> torch.Tensor:
@@ -174,7 +231,7 @@ def open_clip_text_states(model: nn.Module, tokens: torch.Tensor, n_blocks: int 
     return {"penultimate": penultimate, "last": x}
 
 
-class FrozenCLIPEmbedder(AbstractEncoder):
+class FrozenCLIPEmbedder(TextEncoder):
     """CLIP ViT-L/14 text encoder (transformers ``CLIPTextModel``) for SD 1.x and SDXL encoder 0.
 
     ``layer``: "last" = ``last_hidden_state`` (after the final LayerNorm; SD 1.x), "hidden" =
@@ -225,22 +282,48 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         """(B, max_length) int64 ids, BOS 49406 ... EOS 49407, padded with 49407."""
         return tokenize_hf(text, self.max_length)
 
-    def forward(self, text: Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (B, 77, D) (and the pooled (B, D) when ``always_return_pooled``)."""
-        tokens = self.tokenize(text).to(self.device)
-        out = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
+    def word_ids(self, text: str) -> list[int]:
+        return hf_clip_tokenizer()(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def _token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def _set_token_embedding(self, table: nn.Embedding) -> None:
+        self.transformer.text_model.embeddings.token_embedding = table
+
+    def encode_ids(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 77) ids -> (this encoder's output (N, 77, D), pooled (N, D)). ``clip_skip`` N > 1 takes the layer
+        N - 1 before the usual one (with the final LayerNorm where the usual output has it, A1111's meaning)."""
+        need_hidden = self.layer == "hidden" or clip_skip > 1
+        out = self.transformer(input_ids=ids, output_hidden_states=need_hidden)
+        # the EOT row (transformers takes argmax of the ids, which is the first EOS: the same row)
+        eot = (ids == EOS_ID).int().argmax(dim=-1)
+        pooled = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eot]
         if self.layer == "last":
-            z = out.last_hidden_state
+            if clip_skip > 1:
+                z = self.transformer.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+            else:
+                z = out.last_hidden_state
         elif self.layer == "pooled":
-            z = out.pooler_output[:, None, :]
+            z = pooled[:, None, :]
         else:
-            z = out.hidden_states[self.layer_idx]
+            z = out.hidden_states[self.layer_idx - (clip_skip - 1)]
+        return z, pooled
+
+    def count_ids(self) -> int:
+        return self._token_embedding().num_embeddings
+
+    def forward(self, text: Sequence[str], options: TextOptions | None = None,
+                min_chunks: int = 1) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (B, 77 k, D) (and the pooled (B, D) when ``always_return_pooled``); ``options`` None is
+        the original scripts' conditioning (:mod:`ldm.modules.encoders.prompts`)."""
+        z, pooled = encode_prompts(self, list(text), options, min_chunks)
         if self.return_pooled:
-            return z, out.pooler_output
+            return z, pooled
         return z
 
 
-class FrozenOpenCLIPEmbedder(AbstractEncoder):
+class FrozenOpenCLIPEmbedder(TextEncoder):
     """OpenCLIP text encoder as SD 2.x uses it (SAI2 ``FrozenOpenCLIPEmbedder``, the "legacy" path).
 
     ``layer``: "last" runs every resblock, "penultimate" all but the last; the result then goes through
@@ -269,21 +352,35 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         if freeze:
             self.freeze()
 
+    id_pad = OPEN_CLIP_PAD_ID
+
     def tokenize(self, text: Sequence[str]) -> torch.Tensor:
         return tokenize_open_clip(text, self.max_length)
 
-    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> ln_final(output of the first n - layer_idx resblocks), (B, L, D)."""
-        n_blocks = len(self.model.transformer.resblocks) - self.layer_idx
+    def word_ids(self, text: str) -> list[int]:
+        return open_clip_tokenizer().encode(text)
+
+    def _token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def _set_token_embedding(self, table: nn.Embedding) -> None:
+        self.model.token_embedding = table
+
+    def encode_with_transformer(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """(B, L) ids -> ln_final(output of the first n - layer_idx - (clip_skip - 1) resblocks), (B, L, D)."""
+        n_blocks = len(self.model.transformer.resblocks) - self.layer_idx - (clip_skip - 1)
         x = open_clip_text_states(self.model, tokens, n_blocks)["last"]
         return self.model.ln_final(x)
 
-    def forward(self, text: Sequence[str]) -> torch.Tensor:
-        """Prompts -> (B, 77, D)."""
-        return self.encode_with_transformer(self.tokenize(text).to(self.device))
+    def encode_ids(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, None]:
+        return self.encode_with_transformer(ids, clip_skip), None
+
+    def forward(self, text: Sequence[str], options: TextOptions | None = None, min_chunks: int = 1) -> torch.Tensor:
+        """Prompts -> (B, 77 k, D)."""
+        return encode_prompts(self, list(text), options, min_chunks)[0]
 
 
-class FrozenOpenCLIPEmbedder2(AbstractEncoder):
+class FrozenOpenCLIPEmbedder2(TextEncoder):
     """OpenCLIP text encoder as SDXL uses it (SGM ``FrozenOpenCLIPEmbedder2``).
 
     Non-legacy (SDXL): the crossattn output is the raw ``layer`` state ("penultimate" = input of the last
@@ -318,24 +415,46 @@ class FrozenOpenCLIPEmbedder2(AbstractEncoder):
         if freeze:
             self.freeze()
 
+    id_pad = OPEN_CLIP_PAD_ID
+
     def tokenize(self, text: Sequence[str]) -> torch.Tensor:
         return tokenize_open_clip(text, self.max_length)
 
+    def word_ids(self, text: str) -> list[int]:
+        return open_clip_tokenizer().encode(text)
+
+    def _token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def _set_token_embedding(self, table: nn.Embedding) -> None:
+        self.model.token_embedding = table
+
     def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Row of the EOT token (largest id) of x (B, L, D) @ text_projection -> (B, embed_dim)."""
-        rows = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        """Row of the EOT token of x (B, L, D) @ text_projection -> (B, embed_dim). The EOT is open_clip's
+        argmax of the ids, i.e. the first EOS (textual-inversion ids past the vocabulary do not count)."""
+        rows = x[torch.arange(x.shape[0], device=x.device), (tokens == EOS_ID).int().argmax(dim=-1)]
         return rows @ self.model.text_projection
 
-    def encode_with_transformer(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_with_transformer(self, tokens: torch.Tensor, clip_skip: int = 1) -> dict[str, torch.Tensor]:
         states = open_clip_text_states(self.model, tokens)
+        if clip_skip > 1:  # the layers clip_skip - 1 before the usual ones; the pooled output stays the last's
+            earlier = open_clip_text_states(self.model, tokens, len(self.model.transformer.resblocks) - clip_skip + 1)
+            states = {**earlier, "pooled_from": states["last"]}
         if self.legacy:
             return {self.layer: self.model.ln_final(states[self.layer])}
-        states["pooled"] = self.pool(self.model.ln_final(states["last"]), tokens)
+        states["pooled"] = self.pool(self.model.ln_final(states.pop("pooled_from", states["last"])), tokens)
         return states
 
-    def forward(self, text: Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (B, 77, D) (``layer`` "pooled": (B, embed_dim)); with pooled: ((B, 77, D), (B, E))."""
-        z = self.encode_with_transformer(self.tokenize(text).to(self.device))
+    def encode_ids(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = self.encode_with_transformer(ids, clip_skip)
+        return z[self.layer], z.get("pooled")
+
+    def forward(self, text: Sequence[str], options: TextOptions | None = None,
+                min_chunks: int = 1) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (B, 77 k, D) (``layer`` "pooled": (B, embed_dim)); with pooled: ((B, 77 k, D), (B, E))."""
+        z, pooled = encode_prompts(self, list(text), options, min_chunks)
+        if self.layer == "pooled":
+            return pooled
         if self.return_pooled:
-            return z[self.layer], z["pooled"]
-        return z[self.layer]
+            return z, pooled
+        return z
