@@ -177,7 +177,7 @@ def test_ddim10_through_generate_and_the_image_hook(unclip) -> None:
     class GoldenInputs(ImageVariationConditioning):
         """The golden run's text embeddings and noise draw instead of the model's own."""
 
-        def encode(self, prompts):
+        def encode(self, prompts, like=None, min_chunks=1):
             return {"crossattn": torch.cat([texts[p] for p in prompts])}
 
         def adm_vectors(self, jobs):

@@ -154,6 +154,21 @@ def flags(command: str) -> SimpleNamespace:
                        "e.g. by torchrun or srun; --outdir on a shared file system)"),
         accelerator=_opt("--accelerator", kind=str, help="auto | cpu | cuda: what the processes run on"),
         dist_timeout=_opt("--dist-timeout", kind=float, help="seconds the processes wait for each other to connect"),
+        prompt_syntax=_opt("--prompt-syntax", kind=str, help="a1111: (word:1.2) weights, [word], BREAK, "
+                           "<lora:NAME:W> tags and prompts beyond 75 tokens; original: the scripts' conditioning "
+                           "(brackets are words, cut at 77 tokens)"),
+        clip_skip=_opt("--clip-skip", kind=int, help="use the text encoder's output this many layers from the end "
+                       "(A1111: 1 = last layer, 2 = penultimate)"),
+        lora=_opt("--lora", kind=Optional[list[str]], default=False,
+                  help="PATH[:WEIGHT]: merge this LoRA (kohya or peft/diffusers layout) into the weights; repeatable"),
+        lora_dir=_opt("--lora-dir", default="models/lora", help="folder where <lora:NAME:W> prompt tags find NAME"),
+        embedding=_opt("--embedding", kind=Optional[list[str]], default=False,
+                       help="textual-inversion file (.pt / .safetensors / .bin); its file name is the trigger word; "
+                       "repeatable"),
+        embeddings_dir=_opt("--embeddings-dir", default="models/embeddings",
+                            help="every embedding in this folder can be named in prompts"),
+        vae=_opt("--vae", default="the checkpoint's", help="replace the VAE with this file (original layout, e.g. "
+                 "vae-ft-mse-840000-ema-pruned)"),
         negative_aesthetic_score=_opt("--negative-aesthetic-score", kind=float_,
                                       default=_shown(command, "negative_aesthetic_score",
                                                      describe("txt2img", "negative_aesthetic_score")),
@@ -168,6 +183,8 @@ COMMON_FLAGS = ("prompt_arg", "prompt", "negative_prompt", "from_file", "outdir"
                 "safety_checker", "no_safety_checker", "no_watermark")
 #: The flags of a run at scale: sweeps, resume, and the processes / machines it runs on.
 RUN_FLAGS = ("sweep", "resume", "devices", "threads", "num_nodes", "accelerator", "dist_timeout")
+#: The prompt and adapter flags: prompt syntax, clip skip, LoRA, embeddings, VAE.
+TEXT_FLAGS = ("prompt_syntax", "clip_skip", "lora", "lora_dir", "embedding", "embeddings_dir", "vae")
 #: The SDXL grid and micro-conditioning flags.
 SDXL_FLAGS = ("grid", "original_size", "crop_coords", "target_size", "aesthetic_score", "negative_aesthetic_score")
 
@@ -177,7 +194,8 @@ SIGNATURE_DEFAULTS: dict[str, Any] = {
     "n_rows": UNSET.n_rows, "precision": Precision(UNSET.precision), "device": UNSET.device,
     "skip_grid": False, "skip_save": False, "plms": False, "dpm_solver": False, "fixed_code": False,
     "no_safety_checker": False, "no_watermark": False, "resume": False, "num_nodes": UNSET.num_nodes,
-    "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout,
+    "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout, "prompt_syntax": UNSET.prompt_syntax,
+    "clip_skip": UNSET.clip_skip,
 }
 
 
@@ -256,8 +274,9 @@ def options_from_flags(command: str, flags_given: Mapping[str, Any], **values: A
         given["precision"] = given["precision"].value
     if "no_watermark" in given:
         out["watermark"] = not given.pop("no_watermark")
-    if "sweep" in given:
-        out["sweep"] = list(given.pop("sweep") or [])
+    for name in ("sweep", "lora", "embedding"):
+        if name in given:
+            out[name] = list(given.pop(name) or [])
     out.update({k: v for k, v in given.items() if k in known and k not in out})
     out.update(values)
     return GenerateOptions(**out)

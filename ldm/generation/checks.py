@@ -24,6 +24,25 @@ EXPECTATIONS = {
 }
 
 
+def check_adapter_hashes(recorded: Optional[Mapping[str, Any]], found: Mapping[str, Any]) -> None:
+    """Refuse a replay whose LoRA, embedding or VAE files differ from the recorded ones (the manifest's
+    ``adapters``: ``{"loras": [...], "embeddings": [...], "vae": ...}``, each with name and sha256)."""
+    if not recorded:
+        return
+    for kind, label in (("loras", "LoRA"), ("embeddings", "embedding"), ("vae", "VAE")):
+        want = recorded.get(kind) or []
+        have = found.get(kind) or []
+        want = [want] if isinstance(want, Mapping) else list(want)
+        have = [have] if isinstance(have, Mapping) else list(have)
+        now = {f["name"]: f["sha256"] for f in have}
+        for entry in want:
+            if entry["name"] not in now:
+                raise SdgenError(f"the {label} {entry['name']} the run used is not found ({entry.get('path')})")
+            if now[entry["name"]] != entry["sha256"]:
+                raise SdgenError(f"the {label} file {entry['name']} differs from the one the manifest recorded "
+                                 f"(sha256 {entry['sha256'][:12]} recorded, {now[entry['name']][:12]} now)")
+
+
 def check_options(opts: GenerateOptions) -> None:
     """Validate the given numbers and names (unset ones are skipped); raises SdgenError."""
     for name in ("steps", "n_samples", "n_iter", "latent_channels", "factor"):
@@ -68,6 +87,11 @@ def check_options(opts: GenerateOptions) -> None:
         raise SdgenError(f"unknown --accelerator {opts.accelerator!r} (auto, cpu, cuda)")
     if not opts.dist_timeout > 0:
         raise SdgenError(f"--dist-timeout must be a positive number of seconds, got {opts.dist_timeout}")
+    if opts.prompt_syntax not in ("a1111", "original"):
+        raise SdgenError(f"unknown --prompt-syntax {opts.prompt_syntax!r} (a1111, original)")
+    if not 1 <= opts.clip_skip <= 12:
+        raise SdgenError(f"--clip-skip must be in 1..12 (1: the last layer, 2: the penultimate ...), got "
+                         f"{opts.clip_skip}")
     if opts.resume and opts.skip_save:
         raise SdgenError("--resume finds the finished images by their files: it cannot go with --skip_save")
     if opts.command == "img2img" and not opts.init_img:

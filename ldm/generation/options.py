@@ -43,6 +43,12 @@ class GenerateOptions:
         s_churn, s_tmin, s_tmax, s_noise: Euler / Heun churn.
         noise_level, clip_stats, embedder_ckpt: unCLIP.
         sld: Safe Latent Diffusion settings (:func:`ldm.sld_config.options_record`), None for plain CFG.
+        prompt_syntax: "a1111" (weights, BREAK, long prompts, LoRA tags) or "original" (the scripts' text, cut at
+            77 tokens); ``clip_skip`` A1111's clip skip (1: the encoders' usual layer).
+        lora, lora_dir: ``PATH[:WEIGHT]`` LoRA files, and the folder ``<lora:NAME:WEIGHT>`` tags are looked up in
+            (None: models/lora); ``embedding``, ``embeddings_dir`` textual-inversion files and the folder whose
+            embeddings are all available (None: models/embeddings); ``vae`` a replacement VAE file
+            (:mod:`ldm.adapters.adapter_set`).
         sweep: ``FIELD=V1,V2,...`` axes of an X/Y plot (:mod:`ldm.generation.jobs`).
         resume: write only the images of the latest run in ``outdir`` that are missing.
         devices, num_nodes, accelerator, dist_timeout: processes per machine, machines, the device kind, and how
@@ -95,6 +101,11 @@ class GenerateOptions:
     sld: Optional[dict[str, Any]] = None
     prompt_syntax: str = "a1111"
     clip_skip: int = 1
+    lora: list[str] = field(default_factory=list)
+    lora_dir: Optional[str] = None
+    embedding: list[str] = field(default_factory=list)
+    embeddings_dir: Optional[str] = None
+    vae: Optional[str] = None
     sweep: list[str] = field(default_factory=list)
     prompt_entries: Optional[list[dict[str, Any]]] = None
     resume: bool = False

@@ -17,10 +17,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from ldm.adapters.adapter_set import Adapters, plan_adapters
 from ldm.defaults import COMMAND_DEFAULTS, defaults_for
 from ldm.errors import SdgenError
 from ldm.generation import images as image_io
-from ldm.generation.checks import check_expectations, check_options, resolve_device
+from ldm.generation.checks import check_adapter_hashes, check_expectations, check_options, resolve_device
 from ldm.generation.jobs import SWEEP_FIELDS, Sweep, Unit, lay_out, parse_sweep, sweep_cells
 from ldm.generation.options import FLAGS, SDXL_FIELDS, GenerateOptions, parse_pair
 from ldm.generation.prompt_file import SLD_FIELDS, PromptEntry, read_prompt_file
@@ -84,6 +85,7 @@ class RunPlan:
     out: OutputFolder
     device: torch.device
     sweeps: list[Sweep] = dataclasses.field(default_factory=list)
+    adapters: Adapters = dataclasses.field(default_factory=Adapters)
 
     @property
     def settings(self) -> Settings:
@@ -104,7 +106,8 @@ class RunPlan:
         return self.opts.command == "unclip-variate"
 
     def models_sha256(self) -> list[str]:
-        return [spec.sha256 for spec in self.models]
+        """The checkpoints' sha256 and the adapter files' (with LoRA weights): what decides the pixels."""
+        return [spec.sha256 for spec in self.models] + self.adapters.sha256()
 
 
 # ----------------------------------------------------------------------------- prompts and models
@@ -380,6 +383,7 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
                     where = unit.entry.where if ":" in unit.entry.where else ""
                     raise SdgenError(f"{where}: {exc}" if where else str(exc)) from None
                 groups.append(unit.settings)
+    adapters = plan_adapters(opts, run_prompts(opts, entries), [spec.config for spec in specs])
     if opts.safety_checker is not None and not opts.no_safety_checker:
         from ldm.checkpoint_reader import check_checkpoint_file
 
@@ -391,8 +395,15 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
              "refiner_checkpoint_sha256": specs[-1].sha256 if specs[-1].role == "refiner" else None,
              "init_image_sha256": ([i.sha256 for i in inits] if opts.command == "unclip-variate"
                                    else (inits[0].sha256 if inits else None))}
-    check_expectations(expect, found)
-    return RunPlan(opts, specs, groups, batches, entries, inits, out, device, sweeps)
+    check_expectations({k: v for k, v in (expect or {}).items() if k != "adapters"}, found)
+    check_adapter_hashes((expect or {}).get("adapters"), adapters.record())
+    return RunPlan(opts, specs, groups, batches, entries, inits, out, device, sweeps, adapters)
 
 
-__all__ = ["ModelSpec", "InitImage", "RunPlan", "plan_run", "plan_models", "resolve_defaults", "SWEEP_FIELDS"]
+def run_prompts(opts: GenerateOptions, entries: list[PromptEntry]) -> list[tuple[tuple[str, ...], str]]:
+    """Each prompt line's texts (its prompt and negative prompt) with where it was written (for LoRA tags)."""
+    out = []
+    for entry in entries:
+        negative = str(entry.overrides.get("negative_prompt", opts.negative_prompt))
+        out.append(((entry.prompt, negative), entry.where))
+    return out

@@ -51,11 +51,12 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "prompt": _text, "negative_prompt": _text, "seed": _int, "steps": _int, "scale": _float, "sampler": _text,
     "eta": _float, "height": _int, "width": _int, "n_samples": _int, "strength": _float, "init_img": _text,
     "sld": _text, "sld_guidance_scale": _float, "sld_warmup_steps": _int, "sld_threshold": _float,
-    "sld_momentum_scale": _float, "sld_momentum_beta": _float, "safety_concept": _text,
+    "sld_momentum_scale": _float, "sld_momentum_beta": _float, "safety_concept": _text, "clip_skip": _int,
 }
 #: Other spellings of the fields (the flags' names).
 ALIASES = {"H": "height", "W": "width", "negative-prompt": "negative_prompt", "ddim_steps": "steps",
-           "n-samples": "n_samples", "init-img": "init_img", "ddim_eta": "eta"}
+           "n-samples": "n_samples", "init-img": "init_img", "ddim_eta": "eta",
+           "clip-skip": "clip_skip"}
 SLD_FIELDS = ("sld", "sld_guidance_scale", "sld_warmup_steps", "sld_threshold", "sld_momentum_scale",
               "sld_momentum_beta", "safety_concept")
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ldm import __version__
+from ldm.adapters.adapter_set import parse_lora_flag
 from ldm.generation.plan import ModelSpec, RunPlan
 from ldm.generation.request import Settings
 from ldm.generation.stages import Stage, stage_summary
@@ -52,6 +53,9 @@ def recorded_options(plan: RunPlan) -> dict[str, Any]:
         "outdir": str(plan.out.root.resolve()), "from_file": absolute(opts.from_file),
         "init_img": absolute(opts.init_img), "safety_checker": absolute(opts.safety_checker),
         "clip_stats": absolute(opts.clip_stats), "embedder_ckpt": absolute(opts.embedder_ckpt), "prompt_list": None,
+        "lora": [f"{absolute(path)}:{weight:g}" for path, weight in map(parse_lora_flag, opts.lora)],
+        "lora_dir": absolute(opts.lora_dir or "models/lora"), "embedding": [absolute(p) for p in opts.embedding],
+        "embeddings_dir": absolute(opts.embeddings_dir or "models/embeddings"), "vae": absolute(opts.vae),
     }
     if last.role == "refiner":
         changes.update(refiner_ckpt=str(last.files.checkpoint), refiner_config=str(last.files.config))
@@ -86,6 +90,7 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
     elif plan.init_images:
         header["init_image"] = {"path": str(plan.init_images[0].path.resolve()), "sha256": plan.init_images[0].sha256}
     header.update({
+        "adapters": plan.adapters.record(),
         "settings": plan.settings.record(),
         "settings_groups": [settings.record() for settings in plan.groups],
         "stages": stage_summary(stages),
@@ -131,6 +136,10 @@ def png_settings(plan: RunPlan, settings: Settings, stages: Sequence[Stage],
                         if micro is not None and not getattr(stages[0].model, "is_refiner", False) else None),
         "Aesthetic score": (f"{settings.aesthetic_score}/{settings.negative_aesthetic_score}" if refiners else None),
         "S churn": settings.s_churn or None,
+        "Clip skip": settings.clip_skip if settings.clip_skip > 1 else None,
+        **plan.adapters.png_fields(text for batch in plan.batches for job in batch
+                                   for text in (job.prompt, job.negative_prompt)),
+        "Prompt syntax": settings.prompt_syntax,
         **(extra or {}),
         "Batch size": None,
         "Batch pos": None,

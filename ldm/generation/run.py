@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 
+from ldm.adapters.adapter_set import apply_adapters
 from ldm.errors import SdgenError
 from ldm.generation.distributed import World, check_same_run, check_shared_folder, start
 from ldm.generation.generate import generate
@@ -126,6 +127,9 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
     safety = OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
                                   model_config=plan.models[-1].config, device=plan.device)
     models = [(spec.role, load_run_model(spec, plan)) for spec in plan.models] if todo or world.is_main else []
+    triggers: list[str] = []
+    for n, (_, model) in enumerate(models):
+        triggers = apply_adapters(model, plan.adapters, first=n == 0)
     notices = [n for n in (missing_clip_stats_notice(m) for _, m in models if hasattr(m, "needs_clip_stats")) if n]
     for notice in notices if world.is_main else ():
         notify(notice)
@@ -135,7 +139,7 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
 
     def stages_for(settings: Settings) -> tuple:
         if settings not in stages_of:
-            stages_of[settings] = build_stages(models, settings, conditioning)
+            stages_of[settings] = build_stages(models, settings, conditioning, triggers)
         return stages_of[settings]
 
     lines: dict[Settings, dict] = {}
@@ -239,6 +243,7 @@ def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
         "refiner_checkpoint_sha256": (data.get("refiner") or {}).get("checkpoint_sha256"),
         "init_image_sha256": ([entry["sha256"] for entry in inits] if inits is not None
                               else (data.get("init_image") or {}).get("sha256")),
+        "adapters": data.get("adapters"),
     }
     return opts, expect
 

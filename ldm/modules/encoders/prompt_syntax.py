@@ -56,6 +56,11 @@ def extract_lora_tags(text: str) -> tuple[str, list[LoraTag]]:
     return _LORA.sub("", text), tags
 
 
+def strip_lora_tags(text: str) -> str:
+    """The prompt without its ``<lora:...>`` tags (the text the encoder sees)."""
+    return _LORA.sub("", text)
+
+
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     """The prompt as ``[(text, weight), ...]`` with neighbouring runs of one weight merged; ``(BREAK, -1)`` marks
     a BREAK. ``"a (b:1.5) [c]"`` -> ``[("a ", 1.0), ("b", 1.5), (" ", 1.0), ("c", 1/1.1)]``."""

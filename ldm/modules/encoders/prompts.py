@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ldm.modules.encoders.prompt_syntax import BREAK, parse_prompt_attention, uses_syntax
+from ldm.modules.encoders.prompt_syntax import BREAK, parse_prompt_attention, strip_lora_tags, uses_syntax
 
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
@@ -81,7 +81,7 @@ def chunk_prompt(encoder: Any, text: str, options: TextOptions) -> list[Chunk]:
         chunks.append(chunk)
         chunk, last_comma = Chunk(), -1
 
-    for fragment, weight in parse_prompt_attention(text):
+    for fragment, weight in parse_prompt_attention(strip_lora_tags(text)):
         if fragment == BREAK and weight == -1:
             next_chunk()
             continue
