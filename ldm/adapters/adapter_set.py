@@ -73,13 +73,13 @@ class Adapters:
 
     def png_fields(self, prompts: Iterable[str] = ()) -> dict[str, Optional[str]]:
         """A1111's PNG fields: ``Lora hashes``, ``TI hashes`` (embeddings named in ``prompts``), ``VAE hash`` and
-        ``VAE`` (sha256 prefixes: 12 hex digits for LoRA and TI, 10 for the VAE, as A1111 writes them)."""
+        ``VAE`` (sha256 prefixes: 12 hex digits for LoRA and TI, 10 for the VAE, as A1111 writes them; the PNG
+        writer quotes values with separators, ``Lora hashes: "name: 0123456789ab"``)."""
         text = " ".join(prompts)
         used = [e for e in self.embeddings if _names(text, e.name)]
         return {
-            "Lora hashes": ('"' + ", ".join(f"{f.name}: {f.sha256[:12]}" for f in self.loras) + '"'
-                            if self.loras else None),
-            "TI hashes": '"' + ", ".join(f"{f.name}: {f.sha256[:12]}" for f in used) + '"' if used else None,
+            "Lora hashes": ", ".join(f"{f.name}: {f.sha256[:12]}" for f in self.loras) if self.loras else None,
+            "TI hashes": ", ".join(f"{f.name}: {f.sha256[:12]}" for f in used) if used else None,
             "VAE hash": self.vae.sha256[:10] if self.vae is not None else None,
             "VAE": self.vae.path.name if self.vae is not None else None,
         }
@@ -202,13 +202,7 @@ def plan_adapters(opts: Any, prompts: Sequence[tuple[Sequence[str], str]], confi
 
 
 def _check_embedding(model: nn.Module, embedding: ti.Embedding) -> None:
-    encoders = model.text_encoders() if hasattr(model, "text_encoders") else []
-    widths = [int(e._token_embedding().embedding_dim) for e in encoders]
-    have = {int(v.shape[1]) for v in embedding.vectors}
-    if not encoders or not all(w in have for w in widths):
-        raise SdgenError(f"the embedding {embedding.name!r} has vectors of width "
-                         f"{', '.join(map(str, sorted(have)))}; this model's text encoders take "
-                         f"{', '.join(map(str, widths)) or 'none'} (an embedding for another model family)")
+    ti.check_fits(model.text_encoders() if hasattr(model, "text_encoders") else [], embedding)
 
 
 def apply_adapters(model: nn.Module, adapters: Adapters, *, first: bool) -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -28,10 +28,19 @@ _TRIGGER = re.compile(r"^[\w.+-]+$")
 
 @dataclass(frozen=True)
 class Embedding:
-    """An embedding file's trigger word and its vectors: one (n, D) tensor, or per encoder width for SDXL."""
+    """An embedding file's trigger word and its vectors (n, D): ``{"*": t}`` for one text encoder, or SDXL's
+    ``{"clip_l": t, "clip_g": t}`` (CLIP ViT-L and OpenCLIP bigG)."""
 
     name: str
-    vectors: tuple[torch.Tensor, ...]
+    vectors: dict[str, torch.Tensor]
+
+    def for_encoder(self, encoder: Any) -> Optional[torch.Tensor]:
+        """The vectors ``encoder`` takes: the single tensor if its width fits, else SDXL's part for its kind
+        (transformers CLIP: clip_l, OpenCLIP: clip_g); None when none fits."""
+        width = int(encoder._token_embedding().embedding_dim)
+        key = "clip_l" if hasattr(encoder, "transformer") else "clip_g"
+        value = self.vectors.get("*", self.vectors.get(key))
+        return value if value is not None and int(value.shape[1]) == width else None
 
 
 def _tensors_of(path: Path) -> Mapping[str, Any]:
@@ -60,18 +69,18 @@ def read_embedding(path: str | Path) -> Embedding:
                          "(letters, digits, _ . + - only)")
     data = _tensors_of(path)
     if "clip_l" in data or "clip_g" in data:
-        return Embedding(name, tuple(_as_matrix(data[k], path) for k in ("clip_l", "clip_g") if k in data))
+        return Embedding(name, {k: _as_matrix(data[k], path) for k in ("clip_l", "clip_g") if k in data})
     if "string_to_param" in data:
         params = data["string_to_param"]
         values = list(params.values()) if isinstance(params, Mapping) else []
         if len(values) != 1:
             raise SdgenError(f"the embedding file {path} has {len(values)} entries in string_to_param, not one")
-        return Embedding(name, (_as_matrix(values[0], path),))
+        return Embedding(name, {"*": _as_matrix(values[0], path)})
     if "emb_params" in data:
-        return Embedding(name, (_as_matrix(data["emb_params"], path),))
+        return Embedding(name, {"*": _as_matrix(data["emb_params"], path)})
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) == 1:  # diffusers: {"<token>": vector}
-        return Embedding(name, (_as_matrix(next(iter(tensors.values())), path),))
+        return Embedding(name, {"*": _as_matrix(next(iter(tensors.values())), path)})
     keys = ", ".join(list(map(str, data))[:4])
     raise SdgenError(f"the embedding file {path} is not a textual-inversion embedding (keys: {keys}); sdgen reads "
                      "A1111 string_to_param / emb_params, diffusers {token: vector} and SDXL clip_l / clip_g files")
@@ -95,26 +104,25 @@ def find_embeddings(paths: Sequence[str], directory: str | Path | None) -> list[
     return files
 
 
-def register(encoders: Sequence[Any], embedding: Embedding) -> None:
-    """Register ``embedding`` in each text encoder whose token width one of its tensors has (SDXL: clip_l in the
-    768-wide CLIP-L, clip_g in the 1280-wide bigG). Raises SdgenError when it fits none, or only some of several
-    encoders (an SD 1.x embedding on SDXL)."""
-    widths = [int(e._token_embedding().embedding_dim) for e in encoders]
-    fitted = []
-    for encoder, width in zip(encoders, widths):
-        vectors = [v for v in embedding.vectors if v.shape[1] == width]
-        if vectors:
-            fitted.append((encoder, vectors[0]))
-    have = sorted({int(v.shape[1]) for v in embedding.vectors})
-    if not encoders or len(fitted) != len(encoders):
-        raise SdgenError(f"the embedding {embedding.name!r} has vectors of width {', '.join(map(str, have))}; this "
-                         f"model's text encoders take {', '.join(map(str, widths)) or 'none'} "
-                         "(an embedding for another model family)")
-    counts = {int(v.shape[0]) for _, v in fitted}
-    if len(counts) != 1:
+def check_fits(encoders: Sequence[Any], embedding: Embedding) -> list[tuple[Any, torch.Tensor]]:
+    """(encoder, vectors) for each text encoder; raises SdgenError when the embedding fits not all of them (one
+    made for another family) or gives them different numbers of vectors."""
+    fitted = [(encoder, embedding.for_encoder(encoder)) for encoder in encoders]
+    if not encoders or any(v is None for _, v in fitted):
+        have = ", ".join(f"{k} {int(v.shape[1])}" if k != "*" else str(int(v.shape[1]))
+                         for k, v in embedding.vectors.items())
+        widths = ", ".join(str(int(e._token_embedding().embedding_dim)) for e in encoders) or "none"
+        raise SdgenError(f"the embedding {embedding.name!r} has vectors of width {have}; this model's text encoders "
+                         f"take {widths} (an embedding for another model family)")
+    if len({int(v.shape[0]) for _, v in fitted}) != 1:
         raise SdgenError(f"the embedding {embedding.name!r} has a different number of vectors per text encoder")
-    for encoder, vectors in fitted:
+    return fitted  # type: ignore[return-value]
+
+
+def register(encoders: Sequence[Any], embedding: Embedding) -> None:
+    """Register ``embedding`` in every text encoder (:func:`check_fits`): its vectors become new tokens."""
+    for encoder, vectors in check_fits(encoders, embedding):
         encoder.register_embedding(embedding.name, vectors)
 
 
-__all__ = ["Embedding", "read_embedding", "find_embeddings", "register", "EMBEDDING_SUFFIXES"]
+__all__ = ["Embedding", "read_embedding", "find_embeddings", "register", "check_fits", "EMBEDDING_SUFFIXES"]
