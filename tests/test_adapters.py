@@ -307,3 +307,15 @@ def test_sdxl_embedding_parts_go_to_their_encoders():
     first, second = model.text_encoders()
     assert torch.equal(first._token_embedding().weight[first.embedding_ids("xl")], l_part)
     assert torch.equal(second._token_embedding().weight[second.embedding_ids("xl")], g_part)
+
+
+def test_every_unet_layer_has_its_diffusers_name_in_both_layouts():
+    model = tiny("sd1-tiny")
+    targets = lora_targets(model)
+    unet_keys = {f"model.diffusion_model.{n}.weight" for n, m in model.model.diffusion_model.named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    peft = {t.key for n, t in targets.items() if n.startswith("unet.")}
+    assert peft == unet_keys  # down, mid and up blocks, time embedding, conv_in / conv_out
+    assert targets["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"].key == (
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight")
+    assert targets["lora_unet_mid_block_resnets_1_conv2"].key == "model.diffusion_model.middle_block.2.out_layers.3.weight"

@@ -80,9 +80,10 @@ def diffusers_unet_name(path: str, blocks: dict[str, str]) -> Optional[str]:
         if path == original or path.startswith(original + "."):
             return renamed + path[len(original):]
     parts = path.split(".")
-    if len(parts) < 3:
+    size = 2 if parts[0] == "middle_block" else 3  # middle_block.N, input_blocks.N.M, output_blocks.N.M
+    if len(parts) < size:
         return None
-    block, rest = ".".join(parts[:3]), ".".join(parts[3:])
+    block, rest = ".".join(parts[:size]), ".".join(parts[size:])
     if block not in blocks:
         return None
     renamed = blocks[block]
