@@ -153,7 +153,8 @@ def generate(
             else:
                 z0 = sample_init_latents(first.model, posterior, generators)
                 x = img2img_start(settings.grid, z0, noise, start_sigma, first.sigmas)
-            noise_sampler = noise_lib.BatchedNoiseSampler(seeds, shape, device=device, generators=generators)
+            noise_sampler = noise_lib.noise_sampler_for(settings.sampler, seeds, shape, [s.sigmas for s in stages],
+                                                        device, torch.float32, generators)
             done, guider = 0, None
             for stage in stages:
                 cond = stage.conditioner(jobs, with_uncond=settings.scale != 1.0)

@@ -38,6 +38,8 @@ GRIDS: dict[str, GridInfo] = {
     "sgm_legacy": GridInfo("nearest", "SGM 0.9 release: t = range(0, N, N // S) + 1, then 0"),
     "karras": GridInfo("interpolate", "Karras et al. 2022 rho=7 between the table's sigma_min and sigma_max, then 0"),
     "linspace_t": GridInfo("interpolate", "k-diffusion: t = linspace(N-1, 0, S) in log-sigma, then 0"),
+    "exponential": GridInfo("interpolate", "k-diffusion: log-linear from the table's sigma_max to sigma_min, then 0"),
+    "sgm_uniform": GridInfo("interpolate", "ComfyUI sgm_uniform: t = linspace(N-1, 0, S + 1)[:-1], then 0"),
 }
 
 #: The two SGM timestep grids of SDXL: "sgm" (evenly spaced, ends at t = 999, SGM since e9869d7 and SDXL 1.0)
@@ -46,6 +48,12 @@ SDXL_GRIDS = ("sgm", "sgm_legacy")
 
 # The grid each sampler's original uses: DDIM/PLMS on the CompVis grid; DPM-Solver++(2M) on CompVis
 # --dpm_solver's (time_uniform, continuous t; this reproduces CV txt2img --dpm_solver); Euler family on SGM's.
+# The k-diffusion family on the grid A1111's "Automatic" schedule gives each (its sampler table): DPM++ SDE and
+# 2S ancestral on Karras sigmas, DPM++ 2M SDE and 3M SDE on exponential ones (the 2M / 3M SDE steps overshoot
+# the data variance on the t-uniform grid, whose last steps are long in lambda), LMS on k-diffusion's own
+# discretisation ("linspace_t"). A1111 also drops the next-to-last sigma for 3M SDE; here the grid is used as
+# is. UniPC runs on "sgm": diffusers' UniPCMultistepScheduler spaces integer timesteps evenly from t = 999
+# down and ends at sigma 0, which is the SGM timestep grid.
 DEFAULT_GRID: dict[str, str] = {
     "ddim": "ddim",
     "plms": "ddim",
@@ -53,7 +61,19 @@ DEFAULT_GRID: dict[str, str] = {
     "euler": "sgm",
     "euler_ancestral": "sgm",
     "heun": "sgm",
+    "dpmpp_2m_sde": "exponential",
+    "dpmpp_sde": "karras",
+    "dpmpp_2s_ancestral": "karras",
+    "dpmpp_3m_sde": "exponential",
+    "lms": "linspace_t",
+    "unipc": "sgm",
 }
+
+#: A1111's "Schedule type" names (:func:`schedule_grid`): "default" is the sampler's own grid.
+SCHEDULES = ("default", "karras", "exponential", "sgm_uniform")
+
+# samplers whose update is tied to the integer timesteps of their grid: only their own schedule
+_TIMESTEP_SAMPLERS = ("ddim", "plms")
 
 
 def grid_sigmas(
@@ -76,6 +96,11 @@ def grid_sigmas(
         return schedules.karras_sigmas(steps, float(table[0]), float(table[-1]), rho, dtype=dtype)
     if grid == "linspace_t":
         return schedules.linspace_t_sigmas(alphas_cumprod, steps, dtype=dtype)
+    if grid == "exponential":
+        table = schedules.sigmas_from_alphas_cumprod(alphas_cumprod)
+        return schedules.exponential_sigmas(steps, float(table[0]), float(table[-1]), dtype=dtype)
+    if grid == "sgm_uniform":
+        return schedules.sgm_uniform_sigmas(alphas_cumprod, steps, dtype=dtype)
     raise SdgenError(f"unknown sigma grid {grid!r} ({', '.join(GRIDS)})")
 
 
@@ -86,6 +111,27 @@ def sampler_grid(sampler: str, grid: str | None = None) -> str:
     if sampler not in SAMPLERS:
         raise SdgenError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
     return grid or DEFAULT_GRID[sampler]
+
+
+def schedule_grid(schedule: str, sampler: str, sdxl_grid: str | None = None) -> str:
+    """The grid of A1111's "Schedule type" ``schedule`` (:data:`SCHEDULES`) for ``sampler``.
+
+    "default" is the sampler's own grid: ``sdxl_grid`` when given (an SDXL run), else :data:`DEFAULT_GRID`;
+    "karras", "exponential" and "sgm_uniform" are the grids of those names.
+
+    Raises:
+        SdgenError: an unknown schedule or sampler, or DDIM / PLMS with a schedule other than "default".
+    """
+    if schedule not in SCHEDULES:
+        raise SdgenError(f"unknown schedule {schedule!r} ({', '.join(SCHEDULES)})")
+    if sampler not in DEFAULT_GRID:
+        raise SdgenError(f"unknown sampler {sampler!r} ({', '.join(DEFAULT_GRID)})")
+    if schedule == "default":
+        return sdxl_grid or DEFAULT_GRID[sampler]
+    if sampler in _TIMESTEP_SAMPLERS:
+        raise SdgenError(f"the {sampler} sampler steps between integer timesteps: it takes only the default "
+                         f"schedule, not {schedule!r}")
+    return schedule
 
 
 def sampler_sigmas(name: str, alphas_cumprod, steps: int, grid: str | None = None, **options) -> torch.Tensor:

@@ -6,8 +6,8 @@ schedule into a descending tensor of sigmas:
 
 - the training schedule (``make_beta_schedule``, ``alphas_cumprod_from_betas``, ``sigmas_from_alphas_cumprod``),
 - the grids of the original samplers: the CompVis DDIM/PLMS grid, the CompVis DPM-Solver time-uniform grid,
-  the SGM ``LegacyDDPMDiscretization`` (current and 0.9-release spacing), k-diffusion's linspace-in-t grid and
-  Karras et al. sigmas,
+  the SGM ``LegacyDDPMDiscretization`` (current and 0.9-release spacing), k-diffusion's linspace-in-t grid,
+  Karras et al. sigmas, k-diffusion's exponential (log-linear) sigmas and ComfyUI's sgm_uniform grid,
 - img2img truncation (CompVis ``scripts/img2img.py`` and SGM's pruning of the grid),
 - the VP <-> VE conversions of the latent (``vp_to_ve`` / ``ve_to_vp``).
 
@@ -356,14 +356,40 @@ def karras_sigmas(
     return torch.cat([sigmas, sigmas.new_zeros([1])]).to(dtype)
 
 
+def _table_sigmas_at(log_sigmas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Sigma at fractional training times t (float64): log sigma linear between integer t (k-diffusion
+    ``t_to_sigma``, the "interpolate" time mode)."""
+    low, high = t.floor().long(), t.ceil().long()
+    w = t - low
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
 def linspace_t_sigmas(alphas_cumprod, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """k-diffusion ``DiscreteSchedule.get_sigmas``: t = linspace(N-1, 0, n), log-sigma interpolated, then 0."""
     check_step_count(n, "linspace_t")
     log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
     t = torch.linspace(len(log_sigmas) - 1, 0, n, dtype=torch.float64)
-    low, high = t.floor().long(), t.ceil().long()
-    w = t - low
-    sigmas = ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+    sigmas = _table_sigmas_at(log_sigmas, t)
+    return torch.cat([sigmas, sigmas.new_zeros([1])]).to(dtype)
+
+
+def exponential_sigmas(
+    n: int, sigma_min: float, sigma_max: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """k-diffusion ``get_sigmas_exponential``: n sigmas evenly spaced in log sigma from sigma_max down to
+    sigma_min, then 0 appended (computed in float64)."""
+    check_step_count(n, "exponential")
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return torch.cat([sigmas, sigmas.new_zeros([1])]).to(dtype)
+
+
+def sgm_uniform_sigmas(alphas_cumprod, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ComfyUI's "sgm_uniform" schedule: t = linspace(N-1, 0, n + 1) without its last point (t = 0), each
+    sigma interpolated in the table as in :func:`linspace_t_sigmas`, then 0 (computed in float64)."""
+    check_step_count(n, "sgm_uniform")
+    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
+    t = torch.linspace(len(log_sigmas) - 1, 0, n + 1, dtype=torch.float64)[:-1]
+    sigmas = _table_sigmas_at(log_sigmas, t)
     return torch.cat([sigmas, sigmas.new_zeros([1])]).to(dtype)
 
 
