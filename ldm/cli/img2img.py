@@ -9,6 +9,7 @@ from __future__ import annotations
 from ldm.cli import options as o
 
 img2img = o.command(
-    "img2img", o.COMMON_FLAGS[:2] + ("init_img", "strength") + o.COMMON_FLAGS[2:] + o.SDXL_FLAGS + o.TEXT_FLAGS + o.RUN_FLAGS,
+    "img2img", o.COMMON_FLAGS[:2] + ("init_img", "strength") + o.COMMON_FLAGS[2:]
+    + o.SDXL_FLAGS + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS,
     "Make variations of an input image guided by a prompt (CompVis scripts/img2img.py flags and defaults).",
 )

@@ -154,6 +154,10 @@ def flags(command: str) -> SimpleNamespace:
                        "e.g. by torchrun or srun; --outdir on a shared file system)"),
         accelerator=_opt("--accelerator", kind=str, help="auto | cpu | cuda: what the processes run on"),
         dist_timeout=_opt("--dist-timeout", kind=float, help="seconds the processes wait for each other to connect"),
+        compile=_opt("--compile", kind=bool_, help="torch.compile the UNet (the first batch pays the compile time, "
+                     "minutes on a CPU)"),
+        vae_tiling=_opt("--vae-tiling", kind=bool_, help="decode in overlapping 512 px tiles, blended: bounded memory "
+                        "for large images (a tiled decode differs slightly from a whole one)"),
         prompt_syntax=_opt("--prompt-syntax", kind=str, help="a1111: (word:1.2) weights, [word], BREAK, "
                            "<lora:NAME:W> tags and prompts beyond 75 tokens; original: the scripts' conditioning "
                            "(brackets are words, cut at 77 tokens)"),
@@ -185,6 +189,8 @@ COMMON_FLAGS = ("prompt_arg", "prompt", "negative_prompt", "from_file", "outdir"
 RUN_FLAGS = ("sweep", "resume", "devices", "threads", "num_nodes", "accelerator", "dist_timeout")
 #: The prompt and adapter flags: prompt syntax, clip skip, LoRA, embeddings, VAE.
 TEXT_FLAGS = ("prompt_syntax", "clip_skip", "lora", "lora_dir", "embedding", "embeddings_dir", "vae")
+#: Speed and memory flags.
+PERF_FLAGS = ("compile", "vae_tiling")
 #: The SDXL grid and micro-conditioning flags.
 SDXL_FLAGS = ("grid", "original_size", "crop_coords", "target_size", "aesthetic_score", "negative_aesthetic_score")
 
@@ -195,7 +201,7 @@ SIGNATURE_DEFAULTS: dict[str, Any] = {
     "skip_grid": False, "skip_save": False, "plms": False, "dpm_solver": False, "fixed_code": False,
     "no_safety_checker": False, "no_watermark": False, "resume": False, "num_nodes": UNSET.num_nodes,
     "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout, "prompt_syntax": UNSET.prompt_syntax,
-    "clip_skip": UNSET.clip_skip,
+    "clip_skip": UNSET.clip_skip, "compile": False, "vae_tiling": False,
 }
 
 

@@ -13,7 +13,8 @@ from ldm.cli import options as o
 from ldm.cli.sld import SLD_FLAGS, sld_options
 
 safe_txt2img = o.command(
-    "safe-txt2img", o.COMMON_FLAGS[:2] + tuple(SLD_FLAGS) + o.COMMON_FLAGS[2:] + o.SDXL_FLAGS + o.TEXT_FLAGS + o.RUN_FLAGS,
+    "safe-txt2img", o.COMMON_FLAGS[:2] + tuple(SLD_FLAGS) + o.COMMON_FLAGS[2:]
+    + o.SDXL_FLAGS + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS,
     "Generate images from a text prompt with Safe Latent Diffusion guidance away from inappropriate content.",
     own=SLD_FLAGS, options=lambda given: sld_options("safe-txt2img", given),
 )

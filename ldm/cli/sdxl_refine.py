@@ -51,11 +51,12 @@ OWN = {
     "refiner_config": _own("--refiner-config", help="refiner model config", shown=CONFIG_SDXL_REFINER),
 }
 
-FLAGS = ("prompt_arg", "prompt", "refiner_ckpt", "ckpt", "init_img", "high_noise_frac", "strength", "negative_prompt",
+FLAGS = (("prompt_arg", "prompt", "refiner_ckpt", "ckpt", "init_img", "high_noise_frac", "strength", "negative_prompt",
          "from_file", "outdir", "skip_grid", "skip_save", "steps", "sampler", "grid", "scale", "s_churn", "s_tmin",
          "s_tmax", "s_noise", "height", "width", "original_size", "crop_coords", "target_size", "aesthetic_score",
          "negative_aesthetic_score", "n_samples", "n_iter", "n_rows", "seed", "fixed_code", "config",
-         "refiner_config", "precision", "device", "safety_checker", "no_safety_checker", "no_watermark") + o.TEXT_FLAGS + o.RUN_FLAGS
+         "refiner_config", "precision", "device", "safety_checker", "no_safety_checker", "no_watermark")
+         + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS)
 
 sdxl_refine = o.command(
     COMMAND, FLAGS, "SDXL base -> refiner hand-over (--ckpt), or refine an image with the refiner (--init-img).",

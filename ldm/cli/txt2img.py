@@ -9,6 +9,7 @@ from __future__ import annotations
 from ldm.cli import options as o
 
 txt2img = o.command(
-    "txt2img", o.COMMON_FLAGS + o.SDXL_FLAGS + o.TEXT_FLAGS + o.RUN_FLAGS,
+    "txt2img", o.COMMON_FLAGS
+    + o.SDXL_FLAGS + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS,
     "Generate images from a text prompt (CompVis scripts/txt2img.py flags and defaults; SDXL configs too).",
 )

@@ -51,7 +51,7 @@ def action(opts: Any) -> None:
 
 
 FLAGS = o.COMMON_FLAGS[:2] + ("init_img", "noise_level") + o.COMMON_FLAGS[2:22] + (
-    "config", "ckpt", "clip_stats", "embedder_ckpt") + o.COMMON_FLAGS[24:] + tuple(SLD_FLAGS) + o.TEXT_FLAGS + o.RUN_FLAGS
+    "config", "ckpt", "clip_stats", "embedder_ckpt") + o.COMMON_FLAGS[24:] + tuple(SLD_FLAGS) + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS
 
 unclip_variate = o.command(
     COMMAND, FLAGS,

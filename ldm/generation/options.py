@@ -55,6 +55,8 @@ class GenerateOptions:
             long (s) processes wait for each other to connect (:mod:`ldm.generation.distributed`).
         threads: CPU threads per process (None: the cores shared out over the machine's processes).
         safety_checker / no_safety_checker / watermark: output safety; precision / device: where and how.
+        compile: ``torch.compile`` the UNet; vae_tiling: decode in overlapping tiles (bounded memory for large
+            images) (:mod:`ldm.generation.inference`).
     """
 
     command: str
@@ -111,6 +113,8 @@ class GenerateOptions:
     resume: bool = False
     precision: str = "autocast"
     device: str = "auto"
+    compile: bool = False
+    vae_tiling: bool = False
     devices: Optional[int] = None
     threads: Optional[int] = None
     num_nodes: int = 1

@@ -105,6 +105,15 @@ class RunPlan:
         """Whether the init images condition the model (unCLIP) rather than start the latent (img2img)."""
         return self.opts.command == "unclip-variate"
 
+    @property
+    def uses_demo_model(self) -> bool:
+        """Whether the run uses the bundled demo model."""
+        from ldm.model_files import demo_model_files
+
+        demo = demo_model_files()
+        return demo is not None and any(spec.files.checkpoint.resolve() == demo.checkpoint.resolve()
+                                        for spec in self.models)
+
     def models_sha256(self) -> list[str]:
         """The checkpoints' sha256 and the adapter files' (with LoRA weights): what decides the pixels."""
         return [spec.sha256 for spec in self.models] + self.adapters.sha256()

@@ -86,10 +86,10 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
         header["init_images"] = [{"path": str(i.path.resolve()), "sha256": i.sha256} for i in plan.init_images]
         header["init_image_of"] = [job.init_image for batch in plan.batches for job in batch]
         header["noise_level"] = plan.settings.noise_level
-        header["notices"] = list(notices)
     elif plan.init_images:
         header["init_image"] = {"path": str(plan.init_images[0].path.resolve()), "sha256": plan.init_images[0].sha256}
     header.update({
+        "notices": list(notices),
         "adapters": plan.adapters.record(),
         "settings": plan.settings.record(),
         "settings_groups": [settings.record() for settings in plan.groups],

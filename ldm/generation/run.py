@@ -20,6 +20,7 @@ from ldm.adapters.adapter_set import apply_adapters
 from ldm.errors import SdgenError
 from ldm.generation.distributed import World, check_same_run, check_shared_folder, start
 from ldm.generation.generate import generate
+from ldm.generation.inference import precision_hint, prepare_for_inference, weights_dtype
 from ldm.generation.options import GenerateOptions
 from ldm.generation.plan import ModelSpec, RunPlan, plan_run
 from ldm.generation.records import grid_image, manifest_header, png_settings
@@ -44,18 +45,6 @@ class Progress(Protocol):
     def images_done(self, done: int) -> None: ...
 
 
-def weights_dtype(kind: str, precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """Weights dtype of a model: SDXL in float16 under CUDA fp16 autocast (halves memory; its VAE runs in float32)
-    and bfloat16 for bf16; SD 1.x / 2.x keep float32 weights under autocast, as the originals do."""
-    if kind != "sdxl":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and precision in ("autocast", "fp16"):
-        return torch.float16
-    return torch.float32
-
-
 def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
     """Load one planned model on the plan's device (unCLIP with its image tower and CLIP statistics)."""
     from ldm.checkpoint import load_model
@@ -64,10 +53,16 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
     if spec.kind == "unclip":
         from ldm.models.diffusion.unclip import load_unclip_model
 
-        return load_unclip_model(str(spec.files.config), spec.files.checkpoint, embedder_ckpt=plan.opts.embedder_ckpt,
-                                 clip_stats=plan.opts.clip_stats, device=plan.device)
-    return load_model(spec.config, spec.files.checkpoint, device=plan.device,
-                      dtype=weights_dtype(spec.kind, plan.opts.precision, plan.device))
+        model = load_unclip_model(str(spec.files.config), spec.files.checkpoint, embedder_ckpt=plan.opts.embedder_ckpt,
+                                  clip_stats=plan.opts.clip_stats, device=plan.device)
+        return prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
+                                 vae_tiling=plan.opts.vae_tiling)
+    # SDXL loads straight into its reduced-precision dtype (half the memory); SD 1.x / 2.x load float32 and
+    # convert the UNet and text encoders only (their VAE keeps float32 weights)
+    dtype = weights_dtype(spec.kind, plan.opts.precision, plan.device) if spec.kind == "sdxl" else None
+    model = load_model(spec.config, spec.files.checkpoint, device=plan.device, dtype=dtype)
+    return prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
+                                 vae_tiling=plan.opts.vae_tiling)
 
 
 def job_record(plan: RunPlan, job: Any) -> dict[str, Any]:
@@ -131,6 +126,9 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
     for n, (_, model) in enumerate(models):
         triggers = apply_adapters(model, plan.adapters, first=n == 0)
     notices = [n for n in (missing_clip_stats_notice(m) for _, m in models if hasattr(m, "needs_clip_stats")) if n]
+    hint = precision_hint(opts.precision, plan.device)
+    if hint and not plan.uses_demo_model:
+        notices.append(hint)
     for notice in notices if world.is_main else ():
         notify(notice)
     tensors = [image.tensor for image in plan.init_images]

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ldm.models.vae_tiling import Tiling, tiled_decode
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions import DiagonalGaussianDistribution, Generators
 
@@ -58,6 +59,8 @@ class AutoencoderKL(nn.Module):
         z_channels = int(ddconfig["z_channels"])
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.factor = 2 ** (len(ddconfig.get("ch_mult", (1, 2, 4, 4))) - 1)
+        self.tiling: Optional[Tiling] = None  # --vae-tiling: decode in overlapping tiles (ldm.models.vae_tiling)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """x: (B, in_channels, H, W) in [-1, 1] -> posterior over (B, embed_dim, H/f, W/f) latents (unscaled)."""
@@ -65,7 +68,10 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussianDistribution(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, embed_dim, h, w) unscaled latents -> (B, out_ch, h*f, w*f), nominally in [-1, 1]."""
+        """z: (B, embed_dim, h, w) unscaled latents -> (B, out_ch, h*f, w*f), nominally in [-1, 1] (tile by tile
+        with :attr:`tiling` set)."""
+        if self.tiling is not None:
+            return tiled_decode(lambda part: self.decoder(self.post_quant_conv(part)), z, self.factor, self.tiling)
         return self.decoder(self.post_quant_conv(z))
 
     def forward(

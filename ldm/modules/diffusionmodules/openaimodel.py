@@ -255,6 +255,8 @@ class UNetModel(nn.Module):
     computation dtype is the dtype of the loaded weights), use_fairscale_checkpoint, offload_to_cpu.
     """
 
+    channels_last = False  # NHWC activations: set by ldm.generation.inference.use_channels_last
+
     def __init__(
         self,
         in_channels: int,
@@ -487,6 +489,8 @@ class UNetModel(nn.Module):
             context = [c.to(dtype) for c in context]
 
         h = x.to(dtype)
+        if self.channels_last:  # NHWC activations for NHWC weights (ldm.generation.inference.use_channels_last)
+            h = h.contiguous(memory_format=torch.channels_last)
         hs = []
         for module in self.input_blocks:
             h = module(h, emb, context)
