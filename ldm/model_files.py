@@ -40,6 +40,7 @@ DEMO_CKPT = "models/demo/shapes-ldm.safetensors"
 
 #: Bundled configs of the released files (paths relative to the repository root).
 CONFIG_SD1 = "configs/stable-diffusion/v1-inference.yaml"
+CONFIG_SD2 = "configs/stable-diffusion/v2-inference.yaml"
 CONFIG_SD2V = "configs/stable-diffusion/v2-inference-v.yaml"
 CONFIG_UNCLIP_L = "configs/stable-diffusion/v2-1-stable-unclip-l-inference.yaml"
 CONFIG_UNCLIP_H = "configs/stable-diffusion/v2-1-stable-unclip-h-inference.yaml"

@@ -7,7 +7,8 @@
 The SD 1.x architecture (configs/stable-diffusion/v1-inference.yaml) is built with seeded random weights; the
 same tensors are copied into diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL`` (renamed, checked by
 comparing the UNet outputs) and the text encoder is shared. Each measurement alternates the two libraries,
-``--repeats`` times after a warm-up, and prints medians and the ratio sdgen / diffusers (below 1: sdgen faster).
+``--repeats`` times after a warm-up (end to end: ``--e2e-repeats`` times, the networks already warm), and prints
+medians and the ratio sdgen / diffusers (below 1: sdgen faster).
 
 * UNet step: one classifier-free-guidance forward (batch 2) at 512 x 512 (64 x 64 latents).
 * End to end: txt2img of one image at 512 x 512, 20 DDIM steps with guidance: text encoding, sampling, VAE
@@ -41,7 +42,12 @@ CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 
 def random_sd1(seed: int = 0) -> torch.nn.Module:
     """The SD 1.x model with seeded random weights (N(0, 0.02^2); norm scales 1)."""
-    model = build_model_on_meta(load_config(bundled_path(CONFIG))).to_empty(device="cpu")
+    meta = build_model_on_meta(load_config(bundled_path(CONFIG)))
+    buffers = {name: b.clone() for name, b in meta.named_buffers() if not b.is_meta}  # schedules, position ids
+    model = meta.to_empty(device="cpu")
+    for name, buffer in model.named_buffers():
+        if name in buffers:
+            buffer.data.copy_(buffers[name])
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith(".weight") and p.ndim == 1:
@@ -214,35 +220,55 @@ def diffusers_txt2img(model, d_unet, d_vae, dtype: torch.dtype, steps: int, size
          generator=torch.Generator().manual_seed(42))
 
 
-def end_to_end(model, d_unet, d_vae, precision: str, steps: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one 512 px txt2img in each library, alternating; diffusers in its best memory format."""
+def end_to_end(model, d_unet, d_vae, precision: str, steps: int, repeats: int, layout: bool) -> dict[str, float]:
+    """Median seconds of one 512 px txt2img in each library, alternating (the UNets are warm from the step
+    measurement, so no warm-up run); diffusers in its faster memory format (``layout``: channels_last)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    runs = {"sdgen": lambda: sdgen_txt2img(model, precision, steps)}
-    for layout in (False, True):
-        unet, vae = prepared(d_unet, dtype, layout), prepared(d_vae, dtype, layout)
+    unet, vae = prepared(d_unet, dtype, layout), prepared(d_vae, dtype, layout)
+    model.cond_stage_model.transformer.to(dtype)  # diffusers' text encoder in its dtype (shared module)
+
+    def theirs():
+        diffusers_txt2img(model, unet, vae, dtype, steps)
+
+    def ours():
+        model.cond_stage_model.transformer.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        sdgen_txt2img(model, precision, steps)
         model.cond_stage_model.transformer.to(dtype)
-        runs[f"diffusers{' channels_last' if layout else ''}"] = (
-            lambda unet=unet, vae=vae: diffusers_txt2img(model, unet, vae, dtype, steps))
-    if precision != "bf16":
-        model.cond_stage_model.transformer.float()
-    medians = alternate(runs, repeats)
-    best = min(v for k, v in medians.items() if k.startswith("diffusers"))
-    return {**medians, "ratio": medians["sdgen"] / best}
+
+    times: dict[str, list[float]] = {"sdgen": [], "diffusers": []}
+    for _ in range(repeats):
+        times["sdgen"].append(timed(ours))
+        times["diffusers"].append(timed(theirs))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {**medians, "ratio": medians["sdgen"] / medians["diffusers"]}
 
 
-def scaling(model, d_unet, repeats: int, plot: Optional[str]) -> dict[str, Any]:
-    """bf16 UNet step time (CFG batch = 2 x images) against image size and batch size, both libraries."""
+def scaling(model, d_unet, repeats: int, plot: Optional[str], layout: bool) -> dict[str, Any]:
+    """bf16 UNet step time (CFG batch = 2 x images) against image size and batch size: sdgen, and diffusers in
+    its faster memory format."""
+    from ldm.generation.generate import precision_context
+
     table: dict[str, Any] = {"size": {}, "batch": {}}
+    unet = prepared(d_unet, torch.bfloat16, layout)
+    ours = model.model.diffusion_model
+
+    def pair(batch: int, size: int) -> dict[str, float]:
+        x, t, ctx = unet_inputs(batch, size, torch.float32, False)
+        xd, td, cd = unet_inputs(batch, size, torch.bfloat16, layout)
+
+        def sdgen_step():
+            with precision_context("bf16", torch.device("cpu")):
+                ours(x, t, context=ctx)
+
+        return alternate({"sdgen": sdgen_step, "diffusers": lambda: unet(xd, td, encoder_hidden_states=cd)}, repeats)
+
     for size in (256, 512, 768, 1024):
-        medians = alternate(step_runs(model, d_unet, "bf16", 2, size), repeats)
-        table["size"][size] = {"sdgen": medians["sdgen"],
-                               "diffusers": min(v for k, v in medians.items() if k.startswith("diffusers"))}
-        print(f"  {size} px: " + ", ".join(f"{k} {v:.2f} s" for k, v in table["size"][size].items()))
+        table["size"][size] = pair(2, size)
+        print(f"  {size} px: " + ", ".join(f"{k} {v:.2f} s" for k, v in table["size"][size].items()), flush=True)
     for batch in (1, 2, 4):
-        medians = alternate(step_runs(model, d_unet, "bf16", 2 * batch, 512), repeats)
-        table["batch"][batch] = {"sdgen": medians["sdgen"] / batch,
-                                 "diffusers": min(v for k, v in medians.items() if k.startswith("diffusers")) / batch}
-        print(f"  batch {batch}: per image " + ", ".join(f"{k} {v:.2f} s" for k, v in table["batch"][batch].items()))
+        table["batch"][batch] = {k: v / batch for k, v in pair(2 * batch, 512).items()}
+        print(f"  batch {batch}: per image " + ", ".join(f"{k} {v:.2f} s" for k, v in table["batch"][batch].items()),
+              flush=True)
     if plot:
         draw_plot(table, plot)
     return table
@@ -284,6 +310,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--e2e-repeats", type=int, default=1)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--scaling", action="store_true", help="step time vs size (256..1024) and batch (1, 2, 4)")
     parser.add_argument("--n-iter", type=int, default=0, help="also run sdgen bf16 for this many batches and "
@@ -301,6 +328,7 @@ def main() -> None:
     print(f"same weights: UNet outputs agree to {rel:.1e} (max |difference| / max |output|), "
           f"{torch.get_num_threads()} threads")
     results: dict[str, Any] = {"unet_agreement": rel, "threads": torch.get_num_threads()}
+    layouts: dict[str, bool] = {}
     with torch.no_grad():
         for precision in ("fp32", "bf16"):
             from ldm.generation.inference import prepare_for_inference
@@ -308,18 +336,18 @@ def main() -> None:
             prepare_for_inference(model, "bf16" if precision == "bf16" else "full", torch.device("cpu"))
             medians = alternate(step_runs(model, d_unet, precision, 2, 512), args.repeats)
             best = min(v for k, v in medians.items() if k.startswith("diffusers"))
+            layouts[precision] = medians["diffusers channels_last"] < medians["diffusers"]
             results[f"step_{precision}"] = {**medians, "ratio": medians["sdgen"] / best}
             print(f"UNet step {precision} (batch 2, 512 px): " + ", ".join(f"{k} {v:.2f} s" for k, v in medians.items())
-                  + f"; sdgen / best diffusers = {medians['sdgen'] / best:.2f}")
+                  + f"; sdgen / best diffusers = {medians['sdgen'] / best:.2f}", flush=True)
             if not args.skip_e2e:
-                medians = end_to_end(model, d_unet, d_vae, precision, args.steps, args.repeats)
+                medians = end_to_end(model, d_unet, d_vae, precision, args.steps, args.e2e_repeats, layouts[precision])
                 results[f"e2e_{precision}"] = medians
-                print(f"txt2img {precision} ({args.steps} steps, 512 px): "
-                      + ", ".join(f"{k} {v:.1f} s" for k, v in medians.items() if k != "ratio")
-                      + f"; sdgen / best diffusers = {medians['ratio']:.2f}")
+                print(f"txt2img {precision} ({args.steps} steps, 512 px): sdgen {medians['sdgen']:.1f} s, diffusers "
+                      f"{medians['diffusers']:.1f} s; ratio {medians['ratio']:.2f}", flush=True)
         if args.scaling:
-            print("scaling (bf16):")
-            results["scaling"] = scaling(model, d_unet, args.repeats, args.plot)
+            print("scaling (bf16):", flush=True)
+            results["scaling"] = scaling(model, d_unet, args.repeats, args.plot, layouts["bf16"])
         if args.n_iter:
             per_batch: list = []
             sdgen_txt2img(model, "bf16", args.steps, n_iter=args.n_iter, per_batch=per_batch)

@@ -73,7 +73,7 @@ def test_two_stage_end_to_end(tmp_path, files, common):
     params = read_parameters(out / "samples" / "00001.png")
     assert params["Model"] == "sd_xl_base_tiny" and params["Refiner"].startswith("sd_xl_refiner_tiny [")
     assert params["Refiner switch at"] == "0.5" and params["Seed"] == "43" and params["Sampler"] == "Euler"
-    assert params["Schedule"] == "sgm" and params["CFG scale"] == "5.0"
+    assert params["Timestep grid"] == "sgm" and params["CFG scale"] == "5.0"
     manifest = load_manifest(out / "run-0000.json")
     assert manifest["status"] == "complete" and manifest["seeds"] == [42, 43]
     assert manifest["model"]["checkpoint"] == str(files["base"])
@@ -273,7 +273,7 @@ def test_txt2img_with_an_sdxl_config_runs_the_sdxl_pipeline(tmp_path, files, tin
     for got, want in zip(samples(out), expected, strict=True):
         np.testing.assert_array_equal(got, want)
     params = read_parameters(out / "samples" / "00001.png")  # no sampler / scale flag: the SGM demo's defaults
-    assert params["Sampler"] == "Euler" and params["CFG scale"] == "5.0" and params["Schedule"] == "sgm"
+    assert params["Sampler"] == "Euler" and params["CFG scale"] == "5.0" and params["Timestep grid"] == "sgm"
     assert params["Original size"] == "32,32" and params["Crop"] == "0,0" and params["Target size"] == "32,32"
     manifest = load_manifest(out / "run-0000.json")
     assert manifest["options"]["sampler"] == "euler" and manifest["options"]["scale"] == 5.0
@@ -291,7 +291,7 @@ def test_txt2img_with_an_sdxl_config_runs_the_sdxl_pipeline(tmp_path, files, tin
     np.testing.assert_array_equal(samples(flagged)[0], library_images(tiny_base, **settings)[0])
     assert not np.array_equal(samples(flagged)[0], expected[0])
     params = read_parameters(flagged / "samples" / "00000.png")
-    assert params["Original size"] == "512,256" and params["Crop"] == "8,4" and params["Schedule"] == "sgm_legacy"
+    assert params["Original size"] == "512,256" and params["Crop"] == "8,4" and params["Timestep grid"] == "sgm_legacy"
 
 
 def test_img2img_with_an_sdxl_config_is_sdedit(tmp_path, files, tiny_base):
@@ -380,5 +380,5 @@ def test_safe_txt2img_runs_sld_on_sdxl(tmp_path, files):
     np.testing.assert_array_equal(plain, off)
     assert np.abs(plain.astype(int) - sld.astype(int)).mean() > 1
     params = read_parameters(tmp_path / "sld" / "samples" / "00000.png")
-    assert params["SLD"] == "max" and params["Schedule"] == "sgm"
+    assert params["SLD"] == "max" and params["Timestep grid"] == "sgm"
     assert load_manifest(tmp_path / "sld" / "run-0000.json")["options"]["sld"]["source"] == "max"

@@ -182,7 +182,13 @@ def plan_adapters(opts: Any, prompts: Sequence[tuple[Sequence[str], str]], confi
     explicit = {Path(p).expanduser().resolve() for p in opts.embedding}
     kept = []
     for path in embedding_files:
-        embedding = ti.read_embedding(path)
+        try:
+            embedding = ti.read_embedding(path)
+        except SdgenError:
+            if path.resolve() in explicit:
+                raise
+            logger.info("skipping %s in the embeddings folder: not a textual-inversion embedding", path.name)
+            continue
         try:
             for meta in metas:
                 _check_embedding(meta, embedding)

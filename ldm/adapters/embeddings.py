@@ -23,6 +23,7 @@ import torch
 from ldm.errors import SdgenError
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+MAX_FOLDER_FILE = 64 * 2**20  # bytes: larger files in an embeddings folder are checkpoints or LoRAs, not embeddings
 _TRIGGER = re.compile(r"^[\w.+-]+$")
 
 
@@ -87,14 +88,16 @@ def read_embedding(path: str | Path) -> Embedding:
 
 
 def find_embeddings(paths: Sequence[str], directory: str | Path | None) -> list[Path]:
-    """The embedding files of a run: each ``--embedding`` and every embedding file in ``directory`` (its
-    subfolders too), without duplicates; a name given twice is refused."""
+    """The embedding files of a run: each ``--embedding`` and every embedding-sized file (at most
+    :data:`MAX_FOLDER_FILE`) in ``directory`` and its subfolders, without duplicates; a name given twice is
+    refused."""
     from ldm.files import require_file
 
     files = [require_file(p, "embedding file") for p in paths]
     if directory is not None and Path(directory).expanduser().is_dir():
         for p in sorted(Path(directory).expanduser().rglob("*")):
-            if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES and p.resolve() not in {f.resolve() for f in files}:
+            if (p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES and p.stat().st_size <= MAX_FOLDER_FILE
+                    and p.resolve() not in {f.resolve() for f in files}):
                 files.append(p)
     seen: dict[str, Path] = {}
     for p in files:

@@ -69,7 +69,8 @@ def sampler_help(command: str) -> str:
     ``--plms`` / ``--dpm_solver`` switches."""
     switches = command != "sdxl-refine"
     return (f"sampler: {', '.join(SAMPLERS)} (default {describe(command, 'sampler')}"
-            + ("; --plms / --dpm_solver pick those)" if switches else ")"))
+            + ("; --plms / --dpm_solver pick those)" if switches else ")")
+            + "; plms on a v-prediction model needs more than 30 steps (a warning says so)")
 
 
 def flags(command: str) -> SimpleNamespace:
@@ -98,6 +99,8 @@ def flags(command: str) -> SimpleNamespace:
         plms=_opt("--plms", kind=bool_, help="use PLMS sampling (= --sampler plms)"),
         dpm_solver=_opt("--dpm_solver", "--dpm-solver", kind=bool_, help="use DPM-Solver++(2M) (= --sampler dpmpp_2m)"),
         sampler=_opt("--sampler", help=sampler_help(command), default=_shown(command, "sampler")),
+        schedule=_opt("--schedule", kind=str, help="A1111's schedule type: default (the sampler's own grid) | karras "
+                      "| exponential | sgm_uniform (not with ddim / plms)"),
         eta=_opt("--ddim_eta", "--ddim-eta", "--eta", kind=float, help="DDIM eta (0.0 = deterministic sampling)"),
         n_iter=_opt("--n_iter", "--n-iter", kind=int_, help="sample this often", default=_shown(command, "n_iter")),
         height=_opt("--H", "--height", kind=int_, help=f"{size_text.format(side='height')} ({rule})",
@@ -182,7 +185,7 @@ def flags(command: str) -> SimpleNamespace:
 
 #: The flags every generation command shares, in --help order (``prompt_arg`` is the positional PROMPT).
 COMMON_FLAGS = ("prompt_arg", "prompt", "negative_prompt", "from_file", "outdir", "skip_grid", "skip_save", "steps",
-                "plms", "dpm_solver", "sampler", "eta", "n_iter", "height", "width", "latent_channels", "factor",
+                "plms", "dpm_solver", "sampler", "schedule", "eta", "n_iter", "height", "width", "latent_channels", "factor",
                 "n_samples", "n_rows", "scale", "seed", "fixed_code", "config", "ckpt", "precision", "device",
                 "safety_checker", "no_safety_checker", "no_watermark")
 #: The flags of a run at scale: sweeps, resume, and the processes / machines it runs on.
@@ -201,7 +204,7 @@ SIGNATURE_DEFAULTS: dict[str, Any] = {
     "skip_grid": False, "skip_save": False, "plms": False, "dpm_solver": False, "fixed_code": False,
     "no_safety_checker": False, "no_watermark": False, "resume": False, "num_nodes": UNSET.num_nodes,
     "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout, "prompt_syntax": UNSET.prompt_syntax,
-    "clip_skip": UNSET.clip_skip, "compile": False, "vae_tiling": False,
+    "clip_skip": UNSET.clip_skip, "schedule": UNSET.schedule, "compile": False, "vae_tiling": False,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -77,3 +78,13 @@ def replay_command(manifest: Any, outdir: Optional[str], device: Optional[str]) 
     with RichProgress() as progress:
         result = replay_manifest(manifest, outdir, device, progress=progress)
     report(result)
+
+
+def replay_png_command(path: Any, **given: Any) -> None:
+    """Rerun one image from its PNG parameters, the ignored fields named in one warning line."""
+    from ldm.generation.png_replay import options_from_png
+
+    opts, ignored = options_from_png(path, **given)
+    if ignored:
+        typer.echo(f"sdgen: warning: ignoring fields sdgen does not act on: {', '.join(ignored)}", err=True)
+    run_command(opts)

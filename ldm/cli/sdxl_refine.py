@@ -52,7 +52,7 @@ OWN = {
 }
 
 FLAGS = (("prompt_arg", "prompt", "refiner_ckpt", "ckpt", "init_img", "high_noise_frac", "strength", "negative_prompt",
-         "from_file", "outdir", "skip_grid", "skip_save", "steps", "sampler", "grid", "scale", "s_churn", "s_tmin",
+         "from_file", "outdir", "skip_grid", "skip_save", "steps", "sampler", "schedule", "grid", "scale", "s_churn", "s_tmin",
          "s_tmax", "s_noise", "height", "width", "original_size", "crop_coords", "target_size", "aesthetic_score",
          "negative_aesthetic_score", "n_samples", "n_iter", "n_rows", "seed", "fixed_code", "config",
          "refiner_config", "precision", "device", "safety_checker", "no_safety_checker", "no_watermark")

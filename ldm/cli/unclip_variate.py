@@ -50,8 +50,10 @@ def action(opts: Any) -> None:
     run_command(opts, notify=lambda message: typer.echo(f"sdgen: warning: {message}", err=True))
 
 
-FLAGS = o.COMMON_FLAGS[:2] + ("init_img", "noise_level") + o.COMMON_FLAGS[2:22] + (
-    "config", "ckpt", "clip_stats", "embedder_ckpt") + o.COMMON_FLAGS[24:] + tuple(SLD_FLAGS) + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS
+_MODEL_AT = o.COMMON_FLAGS.index("config")
+FLAGS = (o.COMMON_FLAGS[:2] + ("init_img", "noise_level") + o.COMMON_FLAGS[2:_MODEL_AT]
+         + ("config", "ckpt", "clip_stats", "embedder_ckpt") + o.COMMON_FLAGS[_MODEL_AT + 2:] + tuple(SLD_FLAGS)
+         + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS)
 
 unclip_variate = o.command(
     COMMAND, FLAGS,

@@ -11,7 +11,7 @@ import torch
 from ldm.errors import SdgenError
 from ldm.generation.options import FLAGS, GenerateOptions, parse_pair
 from ldm.model_files import FILE_SDXL_BASE, FILE_SDXL_REFINER
-from ldm.sampling.grids import SDXL_GRIDS, check_high_noise_frac
+from ldm.sampling.grids import SCHEDULES, SDXL_GRIDS, check_high_noise_frac
 from ldm.sampling.samplers import SAMPLERS
 
 PRECISIONS = ("autocast", "full", "bf16", "fp16")
@@ -87,6 +87,8 @@ def check_options(opts: GenerateOptions) -> None:
         raise SdgenError(f"unknown --accelerator {opts.accelerator!r} (auto, cpu, cuda)")
     if not opts.dist_timeout > 0:
         raise SdgenError(f"--dist-timeout must be a positive number of seconds, got {opts.dist_timeout}")
+    if opts.schedule not in SCHEDULES:
+        raise SdgenError(f"unknown --schedule {opts.schedule!r} ({', '.join(SCHEDULES)})")
     if opts.prompt_syntax not in ("a1111", "original"):
         raise SdgenError(f"unknown --prompt-syntax {opts.prompt_syntax!r} (a1111, original)")
     if not 1 <= opts.clip_skip <= 12:

@@ -38,6 +38,7 @@ class GenerateOptions:
         init_img: img2img / SDEdit input image, or unCLIP's image or folder of images.
         strength: img2img / SDEdit strength; ``high_noise_frac`` the base's share in a base -> refiner run.
         sampler, steps, scale, eta, height, width, n_samples, n_iter, seed: as the original scripts' flags.
+        schedule: A1111's "Schedule type": default (the sampler's own grid), karras, exponential, sgm_uniform.
         grid, original_size, crop_coords, target_size, aesthetic_score, negative_aesthetic_score: SDXL only
             (sizes as "H,W" / "TOP,LEFT" strings).
         s_churn, s_tmin, s_tmax, s_noise: Euler / Heun churn.
@@ -76,6 +77,7 @@ class GenerateOptions:
     strength: Optional[float] = None
     high_noise_frac: Optional[float] = None
     sampler: Optional[str] = None
+    schedule: str = "default"
     steps: Optional[int] = None
     scale: Optional[float] = None
     eta: float = 0.0

@@ -35,6 +35,7 @@ from ldm.model_files import (
     bundled_config,
     check_checkpoint_role,
     config_alphas_cumprod,
+    demo_model_files,
     family_of,
     file_sha256,
     latent_size_multiple,
@@ -44,7 +45,7 @@ from ldm.model_files import (
     vae_downsampling_factor,
 )
 from ldm.output import OutputFolder
-from ldm.sampling.grids import DEFAULT_GRID
+from ldm.sampling.grids import schedule_grid
 
 UNCLIP_INPUT_MULTIPLE = 64  # the SAI2 demo resizes the input down to multiples of 64 (LANCZOS) before embedding it
 
@@ -52,13 +53,15 @@ UNCLIP_INPUT_MULTIPLE = 64  # the SAI2 demo resizes the input down to multiples 
 @dataclass(frozen=True)
 class ModelSpec:
     """One model of a run, before it is loaded: its role ("model", "base" or "refiner"), files, loaded config,
-    kind ("sd", "unclip", "sdxl") and the checkpoint's sha256."""
+    kind ("sd", "unclip", "sdxl"), the checkpoint's sha256 and, when the config was picked from the checkpoint,
+    why."""
 
     role: str
     files: ModelFiles
     config: Any
     kind: str
     sha256: str
+    config_reason: str = ""  # why the config was chosen, when --config was not given
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,19 @@ def plan_models(opts: GenerateOptions) -> list[ModelSpec]:
         return specs
     if opts.command == "unclip-variate":
         return [_unclip_model(opts)]
-    spec = _model("model", resolve_checkpoint(opts.ckpt, opts.config))
+    files = resolve_checkpoint(opts.ckpt, opts.config)
+    reason = ""
+    demo = demo_model_files()
+    if opts.config is None and demo is not None and files.checkpoint == demo.checkpoint:
+        files = demo  # the bundled demo model, named by its path
+    elif opts.config is None:
+        from ldm.checkpoint_reader import check_checkpoint_file
+        from ldm.config_choice import choose_config
+
+        check_checkpoint_file(files.checkpoint)
+        choice = choose_config(files.checkpoint)
+        files, reason = ModelFiles(config=choice.path, checkpoint=files.checkpoint), choice.reason
+    spec = replace(_model("model", files), config_reason=reason)
     return [replace(spec, role="base")] if spec.kind == "sdxl" else [spec]
 
 
@@ -277,7 +292,8 @@ def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int
     sdxl = specs[0].kind == "sdxl"
     start = opts.command == "img2img" or (opts.command == "sdxl-refine" and opts.init_img is not None)
     return Settings(
-        sampler=opts.sampler, steps=opts.steps, grid=opts.grid if sdxl else DEFAULT_GRID[opts.sampler],
+        sampler=opts.sampler, steps=opts.steps, grid=schedule_grid(opts.schedule, opts.sampler, opts.grid if sdxl else None),
+        schedule=opts.schedule,
         scale=opts.scale, height=height, width=width, factor=factor, latent_channels=opts.latent_channels,
         precision=opts.precision, eta=opts.eta, strength=opts.strength if start else None,
         high_noise_frac=opts.high_noise_frac if len(specs) == 2 else None,

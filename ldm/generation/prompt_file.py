@@ -52,6 +52,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "eta": _float, "height": _int, "width": _int, "n_samples": _int, "strength": _float, "init_img": _text,
     "sld": _text, "sld_guidance_scale": _float, "sld_warmup_steps": _int, "sld_threshold": _float,
     "sld_momentum_scale": _float, "sld_momentum_beta": _float, "safety_concept": _text, "clip_skip": _int,
+    "schedule": _text,
 }
 #: Other spellings of the fields (the flags' names).
 ALIASES = {"H": "height", "W": "width", "negative-prompt": "negative_prompt", "ddim_steps": "steps",

@@ -29,6 +29,17 @@ SAMPLER_LABELS = {  # the names AUTOMATIC1111 writes in "Sampler: ..."
     "euler": "Euler",
     "euler_ancestral": "Euler a",
     "heun": "Heun",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2s_ancestral": "DPM++ 2S a",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "lms": "LMS",
+    "unipc": "UniPC",
+}
+SCHEDULE_LABELS = {  # A1111's "Schedule type" values ("Automatic", the sampler's own, is not written)
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
 }
 
 
@@ -40,6 +51,7 @@ def absolute(path: Optional[str]) -> Optional[str]:
 def model_record(spec: ModelSpec, **extra: Any) -> dict[str, Any]:
     """The manifest's description of a model: config and checkpoint paths and hashes."""
     return {"config": str(spec.files.config), "config_sha256": file_sha256(spec.files.config),
+            "config_chosen_because": spec.config_reason or None,
             "checkpoint": str(spec.files.checkpoint), "checkpoint_sha256": spec.sha256, "model_hash": spec.sha256[:10],
             **extra}
 
@@ -124,10 +136,11 @@ def png_settings(plan: RunPlan, settings: Settings, stages: Sequence[Stage],
         "Model hash": main.sha256[:10],
         "Model": main.files.checkpoint.stem,
         "Denoising strength": settings.strength,
-        "Eta": settings.eta if settings.sampler == "ddim" else None,
+        "Schedule type": SCHEDULE_LABELS.get(settings.schedule),
+        "Eta DDIM": settings.eta if settings.sampler == "ddim" and settings.eta else None,
         "Noise level": settings.noise_level if plan.conditioning_images else None,
         "Init image": None,
-        "Schedule": settings.grid if micro is not None else None,
+        "Timestep grid": settings.grid if micro is not None and settings.schedule == "default" else None,
         "Refiner": f"{plan.models[-1].files.checkpoint.stem} [{plan.models[-1].sha256[:10]}]" if two_stage else None,
         "Refiner switch at": settings.high_noise_frac if two_stage else None,
         "Original size": "{},{}".format(*micro.original_size) if micro is not None else None,

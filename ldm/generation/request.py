@@ -37,6 +37,7 @@ class Settings:
         sld: Safe Latent Diffusion settings (:func:`ldm.sld_config.options_record`), None for plain CFG.
         prompt_syntax: "a1111" (weights, BREAK, long prompts) or "original" (the scripts' text, cut at 77).
         clip_skip: A1111's clip skip (1: the text encoders' usual output layer).
+        schedule: A1111's "Schedule type" (default, karras, exponential, sgm_uniform) that chose ``grid``.
     """
 
     sampler: str
@@ -64,6 +65,7 @@ class Settings:
     sld: Optional[dict[str, Any]] = field(default=None, hash=False)
     prompt_syntax: str = "a1111"
     clip_skip: int = 1
+    schedule: str = "default"
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

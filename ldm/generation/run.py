@@ -14,7 +14,6 @@ import logging
 import threading
 from typing import Any, Callable, Mapping, Optional, Protocol
 
-import torch
 
 from ldm.adapters.adapter_set import apply_adapters
 from ldm.errors import SdgenError
@@ -125,11 +124,14 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
     triggers: list[str] = []
     for n, (_, model) in enumerate(models):
         triggers = apply_adapters(model, plan.adapters, first=n == 0)
+    # notices about the models (the manifest's "notices"), then notes on how the run was set up ("run_notes")
     notices = [n for n in (missing_clip_stats_notice(m) for _, m in models if hasattr(m, "needs_clip_stats")) if n]
+    notes = [f"config {spec.files.config.name} ({spec.config_reason})" for spec in plan.models if spec.config_reason]
+    notes += plms_notices(plan, [model for _, model in models])
     hint = precision_hint(opts.precision, plan.device)
     if hint and not plan.uses_demo_model:
-        notices.append(hint)
-    for notice in notices if world.is_main else ():
+        notes.append(hint)
+    for notice in notices + notes if world.is_main else ():
         notify(notice)
     tensors = [image.tensor for image in plan.init_images]
     conditioning = tensors if plan.conditioning_images else ()
@@ -149,7 +151,7 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
         return lines[job.settings]
 
     names = [image.path.name for image in plan.init_images]
-    header = {**manifest_header(plan, stages_for(plan.settings)[0] if models else [], notices),
+    header = {**manifest_header(plan, stages_for(plan.settings)[0] if models else [], notices), "run_notes": notes,
               "first_sample": plan.out.first_sample}
     writer = RunWriter(
         plan.out, rank=world.rank, main=world.is_main, header=header, safety=safety, settings_line=settings_line,
@@ -191,6 +193,21 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
         return None
     grid, parameters = grid_image(plan, writer, complete=not done and world.size == 1)
     return writer.complete(grid, parameters)
+
+
+PLMS_MIN_STEPS_V = 31  # the demo model (v-prediction) gives broken PLMS images at 30 steps or fewer
+
+
+def plms_notices(plan: RunPlan, models: list) -> list[str]:
+    """A warning when PLMS runs few steps on a v-prediction model (its multistep start breaks there: the demo
+    model's images are broken at 30 steps or fewer)."""
+    if not any(getattr(m, "parameterization", "eps") == "v" for m in models):
+        return []
+    few = sorted({g.steps for g in plan.groups if g.sampler == "plms" and g.steps < PLMS_MIN_STEPS_V})
+    if not few:
+        return []
+    return [f"PLMS with {', '.join(map(str, few))} steps on a v-prediction model can give broken images (the demo "
+            f"model does below {PLMS_MIN_STEPS_V}); use more steps or another sampler (dpmpp_2m, ddim)"]
 
 
 def _groups(batches: list[list[Any]]) -> list[tuple[Settings, list[list[Any]]]]:

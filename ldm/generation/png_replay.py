@@ -1,0 +1,151 @@
+"""``sdgen replay IMAGE.png``: run the image again from the generation parameters it carries.
+
+The ``parameters`` text chunk is AUTOMATIC1111's format (sdgen writes it too): the prompt, ``Negative prompt:``
+and a ``Key: value`` line. The checkpoint is found by its ``Model hash`` (sha256[:10]) among ``--ckpt`` and the
+files of ``--models-dir``; the config is picked from the checkpoint (:mod:`ldm.config_choice`). LoRA tags stay in
+the prompt (looked up in ``--models-dir``), embeddings too. Fields sdgen does not act on are listed in one
+warning and ignored. The image's own seed is its ``Seed``, so one image is made, with that seed.
+
+An sdgen PNG also holds its job record (``sdgen-job``): its exact settings (precision, grid, churn, SLD) are
+taken from there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ldm.errors import SdgenError
+from ldm.generation.options import GenerateOptions
+from ldm.generation.records import SAMPLER_LABELS, SCHEDULE_LABELS
+from ldm.output import read_job
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+#: A1111 keys that only describe the image or its batch (nothing to act on).
+DESCRIPTIVE = {"prompt", "negative_prompt", "Model", "Version", "Batch size", "Batch pos", "Safety checker",
+               "Watermark", "Lora hashes", "TI hashes", "VAE", "Init image", "Model hash"}
+
+
+def _number(fields: dict, key: str, kind: Callable = float) -> Any:
+    try:
+        return kind(fields[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def sampler_and_schedule(label: str) -> tuple[str, str]:
+    """A1111's sampler name (with an old-style schedule suffix, "DPM++ 2M Karras") -> (sampler, schedule)."""
+    by_label = {v.lower(): k for k, v in SAMPLER_LABELS.items()}
+    text = label.strip()
+    for name, suffix in (("karras", " Karras"), ("exponential", " Exponential")):
+        if text.endswith(suffix) and text[: -len(suffix)].lower() in by_label:
+            return by_label[text[: -len(suffix)].lower()], name
+    if text.lower() not in by_label:
+        raise SdgenError(f"the image's sampler {label!r} is not one sdgen has ({', '.join(SAMPLER_LABELS.values())})")
+    return by_label[text.lower()], "default"
+
+
+def find_checkpoint(short_hash: str, candidates: list[Path]) -> Path:
+    """The file among ``candidates`` whose sha256 starts with ``short_hash`` (A1111's 10 hex digits)."""
+    from ldm.model_files import file_sha256
+
+    short = short_hash.strip().lower()
+    if len(short) < 10:
+        raise SdgenError(f"Model hash {short_hash} is an old 8-digit A1111 hash sdgen cannot match: pass --ckpt and "
+                         "--config")
+    for path in candidates:
+        if file_sha256(path).startswith(short):
+            return path
+    raise SdgenError(f"no checkpoint with Model hash {short} among --ckpt / --models-dir "
+                     f"({len(candidates)} files looked at)")
+
+
+def checkpoint_candidates(ckpt: Optional[str], models_dir: Optional[str]) -> list[Path]:
+    out = [Path(ckpt).expanduser()] if ckpt else []
+    if models_dir:
+        root = Path(models_dir).expanduser()
+        if not root.is_dir():
+            raise SdgenError(f"--models-dir {models_dir} is not a folder")
+        out += sorted(p for p in root.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+    return [p for p in out if p.is_file()]
+
+
+def options_from_png(path: str | Path, *, ckpt: Optional[str] = None, models_dir: Optional[str] = None,
+                     outdir: Optional[str] = None, device: Optional[str] = None,
+                     init_img: Optional[str] = None) -> tuple[GenerateOptions, list[str]]:
+    """(options that make the image again, the fields ignored) from a PNG's parameters."""
+    from ldm.files import require_file
+    from ldm.output import read_parameters
+
+    png = require_file(path, "image")
+    fields = read_parameters(png)
+    job = read_job(png) or {}
+    settings = dict(job.get("settings") or {})
+    if "Seed" not in fields:
+        raise SdgenError(f"{png.name}: its parameters have no Seed; it was not written by sdgen or AUTOMATIC1111")
+    sampler, schedule = sampler_and_schedule(fields.get("Sampler", "Euler"))
+    schedule = next((k for k, v in SCHEDULE_LABELS.items() if v == fields.get("Schedule type")), schedule)
+    width, _, height = str(fields.get("Size", "512x512")).partition("x")
+    candidates = checkpoint_candidates(ckpt, models_dir)
+    if "Model hash" in fields:
+        checkpoint = find_checkpoint(fields["Model hash"], candidates)
+    elif ckpt:
+        checkpoint = Path(ckpt)
+    else:
+        raise SdgenError(f"{png.name}: its parameters name no Model hash: pass --ckpt")
+    values: dict[str, Any] = {
+        "prompt": fields.get("prompt", ""), "negative_prompt": fields.get("negative_prompt", ""),
+        "steps": _number(fields, "Steps", int), "sampler": sampler, "schedule": schedule,
+        "scale": _number(fields, "CFG scale"), "seed": _number(fields, "Seed", int), "width": int(width),
+        "height": int(height), "n_samples": 1, "n_iter": 1, "ckpt": str(checkpoint), "outdir": outdir,
+        "clip_skip": _number(fields, "Clip skip", int) or 1, "eta": _number(fields, "Eta DDIM") or 0.0,
+        "prompt_syntax": fields.get("Prompt syntax", "a1111"), "skip_grid": True,
+    }
+    if models_dir:
+        values.update(lora_dir=models_dir, embeddings_dir=models_dir)
+    used = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "Eta DDIM", "Prompt syntax"}
+    command = "txt2img"
+    if "Denoising strength" in fields:
+        command = "img2img"
+        if not init_img:
+            raise SdgenError(f"{png.name} was made by img2img (Denoising strength {fields['Denoising strength']}): "
+                             "pass its input image with --init-img")
+        values.update(init_img=init_img, strength=_number(fields, "Denoising strength"))
+        used.add("Denoising strength")
+    for key, name in (("Original size", "original_size"), ("Crop", "crop_coords"), ("Target size", "target_size")):
+        if key in fields:
+            values[name] = str(fields[key])
+            used.add(key)
+    if "Refiner" in fields:  # SDXL base -> refiner: "Refiner: NAME [HASH]"
+        refiner_hash = str(fields["Refiner"]).rpartition("[")[2].rstrip("]")
+        command = "sdxl-refine"
+        values.update(refiner_ckpt=str(find_checkpoint(refiner_hash, candidates)),
+                      high_noise_frac=_number(fields, "Refiner switch at"))
+        score = str(fields.get("Aesthetic score", ""))
+        if "/" in score:
+            values["aesthetic_score"], values["negative_aesthetic_score"] = (float(v) for v in score.split("/"))
+        used |= {"Refiner", "Refiner switch at", "Aesthetic score"}
+    if settings:  # sdgen's own record: the exact settings
+        values.update(precision=settings.get("precision", "autocast"), eta=settings.get("eta", values["eta"]))
+        if settings.get("sld"):
+            command = "safe-txt2img" if command == "txt2img" else command
+            values["sld"] = settings["sld"]
+        for name in ("s_churn", "s_tmin", "s_noise"):
+            if settings.get(name):
+                values[name] = settings[name]
+        used |= {"Precision", "SLD", "SLD guidance scale", "SLD warmup steps", "SLD threshold", "SLD momentum scale",
+                 "SLD momentum beta", "Safety concept", "S churn", "Timestep grid", "Original size", "Crop",
+                 "Target size"}
+        if settings.get("grid") in ("sgm", "sgm_legacy"):
+            values["grid"] = settings["grid"]
+    if device:
+        values["device"] = device
+    ignored = sorted(k for k in fields if k not in used and k not in DESCRIPTIVE)
+    opts = GenerateOptions(command=command, **{k: v for k, v in values.items() if v is not None})
+    return opts, ignored
+
+
+__all__ = ["options_from_png", "sampler_and_schedule", "find_checkpoint"]
