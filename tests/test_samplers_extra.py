@@ -34,22 +34,10 @@ from ldm.sampling.noise import (
     make_generators,
     noise_sampler_for,
 )
+from tests.test_samplers_analytic import ACP, MU, TABLE, S, exact_denoiser, quantile_points
 
-MU, S = 0.3, 0.8
 SIGMA_MAX = 80.0
-ACP = torch.tensor(schedules.alphas_cumprod_from_betas(schedules.make_beta_schedule("linear", 1000, 0.00085, 0.012)))
-TABLE = schedules.sigmas_from_alphas_cumprod(ACP)
 NEW = ["dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "lms", "unipc"]
-
-
-def exact_denoiser(x: torch.Tensor, sigma: torch.Tensor, cond=None, **_) -> torch.Tensor:
-    s = sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
-    return (S**2 * x + s**2 * MU) / (S**2 + s**2)
-
-
-def quantile_points(n: int, rows: int = 4) -> torch.Tensor:
-    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    return torch.special.ndtri(q).reshape(rows, n // rows)
 
 
 def start(z: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,8 @@ def flags(command: str) -> SimpleNamespace:
                      "minutes on a CPU)"),
         vae_tiling=_opt("--vae-tiling", kind=bool_, help="decode in overlapping 512 px tiles, blended: bounded memory "
                         "for large images (a tiled decode differs slightly from a whole one)"),
+        low_memory=_opt("--low-memory", kind=bool_, help="keep only one of base and refiner in memory: the base "
+                        "runs every batch, then the refiner (the same images; they appear at the end)"),
         prompt_syntax=_opt("--prompt-syntax", kind=str, help="a1111: (word:1.2) weights, [word], BREAK, "
                            "<lora:NAME:W> tags and prompts beyond 75 tokens; original: the scripts' conditioning "
                            "(brackets are words, cut at 77 tokens)"),
@@ -205,6 +207,7 @@ SIGNATURE_DEFAULTS: dict[str, Any] = {
     "no_safety_checker": False, "no_watermark": False, "resume": False, "num_nodes": UNSET.num_nodes,
     "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout, "prompt_syntax": UNSET.prompt_syntax,
     "clip_skip": UNSET.clip_skip, "schedule": UNSET.schedule, "compile": False, "vae_tiling": False,
+    "low_memory": False,
 }
 
 

@@ -56,7 +56,7 @@ FLAGS = (("prompt_arg", "prompt", "refiner_ckpt", "ckpt", "init_img", "high_nois
          "s_tmax", "s_noise", "height", "width", "original_size", "crop_coords", "target_size", "aesthetic_score",
          "negative_aesthetic_score", "n_samples", "n_iter", "n_rows", "seed", "fixed_code", "config",
          "refiner_config", "precision", "device", "safety_checker", "no_safety_checker", "no_watermark")
-         + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS)
+         + o.TEXT_FLAGS + o.PERF_FLAGS + ("low_memory",) + o.RUN_FLAGS)
 
 sdxl_refine = o.command(
     COMMAND, FLAGS, "SDXL base -> refiner hand-over (--ckpt), or refine an image with the refiner (--init-img).",

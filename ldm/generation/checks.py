@@ -94,6 +94,8 @@ def check_options(opts: GenerateOptions) -> None:
     if not 1 <= opts.clip_skip <= 12:
         raise SdgenError(f"--clip-skip must be in 1..12 (1: the last layer, 2: the penultimate ...), got "
                          f"{opts.clip_skip}")
+    if opts.low_memory and opts.command != "sdxl-refine":
+        raise SdgenError("--low-memory applies to sdxl-refine (one of base and refiner in memory at a time)")
     if opts.resume and opts.skip_save:
         raise SdgenError("--resume finds the finished images by their files: it cannot go with --skip_save")
     if opts.command == "img2img" and not opts.init_img:

@@ -13,6 +13,7 @@ property of the grid. Randomness is explicit: image i draws its initial noise, i
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence
@@ -95,6 +96,90 @@ def finished_images(
         yield GeneratedImage(job, pixels, flag)
 
 
+@dataclass
+class _Run:
+    """What every batch of a run shares: settings, the sampler and its options, guidance, progress."""
+
+    settings: Settings
+    device: torch.device
+    all_sigmas: list[torch.Tensor]  # every stage's grid (the Brownian noise spans them all)
+    guidance: Any
+    total: int
+    on_step: Optional[StepCallback]
+
+    @property
+    def sampler(self) -> Callable[..., torch.Tensor]:
+        return SAMPLERS[self.settings.sampler]
+
+
+@dataclass
+class _Batch:
+    """One batch in flight: its jobs, the sampler variable, its noise streams, the guider (SLD keeps state across
+    stages) and the steps done."""
+
+    jobs: list[ImageJob]
+    x: torch.Tensor
+    noise_sampler: Any
+    guider: Any = None
+    done: int = 0
+
+
+def _run_context(stages_sigmas: list[torch.Tensor], settings: Settings, device: torch.device, guidance: Any,
+                 on_step: Optional[StepCallback]) -> _Run:
+    if settings.sampler not in SAMPLERS:
+        raise SdgenError(f"unknown sampler {settings.sampler!r} ({', '.join(SAMPLERS)})")
+    return _Run(settings, device, stages_sigmas, guidance if guidance is not None else CFGGuidance(),
+                sum(len(s) - 1 for s in stages_sigmas), on_step)
+
+
+def _start_batch(run: _Run, first: Stage, jobs: list[ImageJob], start_sigma: Optional[torch.Tensor],
+                 init_images: Sequence[torch.Tensor], posteriors: dict[int, Any]) -> _Batch:
+    """A batch's starting point: each image's initial noise from its own generator (then, for img2img, its
+    posterior sample noised to ``start_sigma``) and its noise streams for the rest of the run."""
+    settings, device, shape = run.settings, run.device, run.settings.latent_shape
+    seeds = [job.seed for job in jobs]
+    generators = noise_lib.make_generators(seeds)
+    # image i's first draw is its initial noise (same for txt2img and img2img), then its posterior sample
+    noise = noise_lib.initial_noise(shape, seeds, device=device, generators=generators)
+    posterior = None
+    if start_sigma is not None:
+        init = _batch_init_image(jobs)
+        if init not in posteriors:
+            posteriors[init] = encode_init_image(first.model, _checked(init_images[init], settings), settings.precision)
+        posterior = posteriors[init]
+    with precision_context(settings.precision, device):
+        if posterior is None:
+            x = initial_x(noise, first.sigmas)
+        else:
+            z0 = sample_init_latents(first.model, posterior, generators)
+            x = img2img_start(settings.grid, z0, noise, start_sigma, first.sigmas)
+        noise_sampler = noise_lib.noise_sampler_for(settings.sampler, seeds, shape, run.all_sigmas, device,
+                                                    torch.float32, generators)
+    return _Batch(jobs, x, noise_sampler)
+
+
+def _run_stage(run: _Run, stage: Stage, batch: _Batch) -> None:
+    """One stage of one batch: conditioning, the guider around the stage's denoiser, and the sampler (the one
+    call of a sampler from the sampler table in sdgen)."""
+    settings = run.settings
+    with precision_context(settings.precision, run.device):
+        cond = stage.conditioner(batch.jobs, with_uncond=settings.scale != 1.0)
+        batch.guider = run.guidance.guider(stage.denoiser, settings.scale, previous=batch.guider)
+        cond.update(run.guidance.extra_cond(partial(stage.conditioner.encode, like=cond["cond"]), len(batch.jobs),
+                                            settings.scale))
+        batch.x = run.sampler(batch.guider, batch.x.to(model_device(stage.model)), stage.sigmas,
+                              extra_args={"cond": cond},
+                              callback=_step_callback(batch.guider, batch.done, run.total, run.on_step),
+                              noise_sampler=batch.noise_sampler, **settings.sampler_kwargs())
+    batch.done += stage.steps
+
+
+def _finish_batch(run: _Run, last: Stage, batch: _Batch, safety_checker: Optional[Any]) -> Iterator[GeneratedImage]:
+    with precision_context(run.settings.precision, run.device):
+        images = last.model.decode_first_stage(final_latent(batch.x, last.sigmas))
+    yield from finished_images(images, batch.jobs, safety_checker)
+
+
 @torch.no_grad()
 def generate(
     stages: Sequence[Stage],
@@ -122,51 +207,57 @@ def generate(
         on_batch: called with the batch's jobs before it starts.
         safety_checker: flagged images come out black (:func:`finished_images`).
     """
-    if settings.sampler not in SAMPLERS:
-        raise SdgenError(f"unknown sampler {settings.sampler!r} ({', '.join(SAMPLERS)})")
     first, last = stages[0], stages[-1]
-    device = model_device(first.model)
-    sampler = SAMPLERS[settings.sampler]
-    options = settings.sampler_kwargs()
-    guidance = guidance if guidance is not None else CFGGuidance()
-    total = sum(stage.steps for stage in stages)
-    shape = settings.latent_shape
+    run = _run_context([s.sigmas for s in stages], settings, model_device(first.model), guidance, on_step)
     posteriors: dict[int, Any] = {}
-
     for jobs in batches:
         jobs = list(jobs)
         if on_batch is not None:
             on_batch(jobs)
-        seeds = [job.seed for job in jobs]
-        generators = noise_lib.make_generators(seeds)
-        # image i's first draw is its initial noise (same for txt2img and img2img), then its posterior sample
-        noise = noise_lib.initial_noise(shape, seeds, device=device, generators=generators)
-        posterior = None
-        if start_sigma is not None:
-            init = _batch_init_image(jobs)
-            if init not in posteriors:
-                posteriors[init] = encode_init_image(first.model, _checked(init_images[init], settings), settings.precision)
-            posterior = posteriors[init]
-        with precision_context(settings.precision, device):
-            if posterior is None:
-                x = initial_x(noise, first.sigmas)
-            else:
-                z0 = sample_init_latents(first.model, posterior, generators)
-                x = img2img_start(settings.grid, z0, noise, start_sigma, first.sigmas)
-            noise_sampler = noise_lib.noise_sampler_for(settings.sampler, seeds, shape, [s.sigmas for s in stages],
-                                                        device, torch.float32, generators)
-            done, guider = 0, None
-            for stage in stages:
-                cond = stage.conditioner(jobs, with_uncond=settings.scale != 1.0)
-                guider = guidance.guider(stage.denoiser, settings.scale, previous=guider)
-                cond.update(guidance.extra_cond(partial(stage.conditioner.encode, like=cond["cond"]), len(jobs),
-                                                settings.scale))
-                x = sampler(guider, x.to(model_device(stage.model)), stage.sigmas, extra_args={"cond": cond},
-                            callback=_step_callback(guider, done, total, on_step), noise_sampler=noise_sampler,
-                            **options)
-                done += stage.steps
-            images = last.model.decode_first_stage(final_latent(x, last.sigmas))
-        yield from finished_images(images, jobs, safety_checker)
+        batch = _start_batch(run, first, jobs, start_sigma, init_images, posteriors)
+        for stage in stages:
+            _run_stage(run, stage, batch)
+        yield from _finish_batch(run, last, batch, safety_checker)
+
+
+@torch.no_grad()
+def generate_model_by_model(
+    stage_loaders: Sequence[Callable[[], Stage]],
+    stages_sigmas: list[torch.Tensor],
+    batches: Iterable[Sequence[ImageJob]],
+    settings: Settings,
+    *,
+    guidance: Any = None,
+    on_step: Optional[StepCallback] = None,
+    on_batch: Optional[BatchCallback] = None,
+    safety_checker: Optional[Any] = None,
+) -> Iterator[GeneratedImage]:
+    """:func:`generate` for runs from noise (an SDXL base -> refiner hand-over) with one model in memory at a
+    time: each loader builds its stage (loading its model), every batch runs that stage, and the stage is
+    dropped before the next is loaded. The batches wait between stages as their sampler variable and noise
+    streams, so the images are those of :func:`generate`, bit for bit; they come out when the last stage ends.
+
+    ``stages_sigmas`` are the stages' grids (known before any model is loaded), for the noise streams.
+    """
+    batches = [list(jobs) for jobs in batches]
+    run, waiting = None, []
+    for k, load in enumerate(stage_loaders):
+        stage = load()
+        if run is None:
+            run = _run_context(stages_sigmas, settings, model_device(stage.model), guidance, on_step)
+            waiting = [_start_batch(run, stage, jobs, None, (), {}) for jobs in batches]
+        for batch in waiting:
+            if on_batch is not None:
+                on_batch(batch.jobs)
+            _run_stage(run, stage, batch)
+            if k == len(stage_loaders) - 1:
+                yield from _finish_batch(run, stage, batch, safety_checker)
+            else:  # keep the guider's state (SLD's step and momentum), not its hold on the model
+                batch.guider.denoiser = None
+                if hasattr(batch.guider, "fallback"):
+                    batch.guider.fallback = None
+        del stage  # the next model loads only once this one can be freed
+        gc.collect()
 
 
 def _step_callback(guider: Any, offset: int, total: int, on_step: Optional[StepCallback]):

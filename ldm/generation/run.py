@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 
 from ldm.adapters.adapter_set import apply_adapters
 from ldm.errors import SdgenError
 from ldm.generation.distributed import World, check_same_run, check_shared_folder, start
-from ldm.generation.generate import generate
+from ldm.generation.generate import generate, generate_model_by_model
 from ldm.generation.inference import precision_hint, prepare_for_inference, weights_dtype
 from ldm.generation.options import GenerateOptions
 from ldm.generation.plan import ModelSpec, RunPlan, plan_run
 from ldm.generation.records import grid_image, manifest_header, png_settings
 from ldm.generation.request import Settings
-from ldm.generation.stages import build_stages
+from ldm.generation.stages import build_stages, make_stage
 from ldm.generation.writer import RunWriter, finished_jobs, read_parts
 from ldm.output import RunResult, load_manifest
 
@@ -62,6 +63,14 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
     model = load_model(spec.config, spec.files.checkpoint, device=plan.device, dtype=dtype)
     return prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
                                  vae_tiling=plan.opts.vae_tiling)
+
+
+def load_stage(plan: RunPlan, k: int, sigmas: Any, settings: Settings) -> Any:
+    """``--low-memory``: load the run's model ``k`` (with the run's adapters) and build its stage on ``sigmas``."""
+    spec = plan.models[k]
+    model = load_run_model(spec, plan)
+    triggers = apply_adapters(model, plan.adapters, first=k == 0)
+    return make_stage(spec.role, model, sigmas, settings, (), triggers, two_stage=len(plan.models) == 2)
 
 
 def job_record(plan: RunPlan, job: Any) -> dict[str, Any]:
@@ -120,9 +129,17 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
 
     safety = OutputSafety.resolve(opts.safety_checker, disabled=opts.no_safety_checker, watermark=opts.watermark,
                                   model_config=plan.models[-1].config, device=plan.device)
-    models = [(spec.role, load_run_model(spec, plan)) for spec in plan.models] if todo or world.is_main else []
+    # --low-memory (base -> refiner): the models load one at a time while sampling; until then weightless
+    # stand-ins built on the meta device give the stages' grids and the records their settings
+    low_memory = opts.low_memory and len(plan.models) == 2
+    if low_memory:
+        from ldm.checkpoint import build_model_on_meta
+
+        models = [(spec.role, build_model_on_meta(spec.config)) for spec in plan.models]
+    else:
+        models = [(spec.role, load_run_model(spec, plan)) for spec in plan.models] if todo or world.is_main else []
     triggers: list[str] = []
-    for n, (_, model) in enumerate(models):
+    for n, (_, model) in enumerate(models if not low_memory else ()):
         triggers = apply_adapters(model, plan.adapters, first=n == 0)
     # notices about the models (the manifest's "notices"), then notes on how the run was set up ("run_notes")
     notices = [n for n in (missing_clip_stats_notice(m) for _, m in models if hasattr(m, "needs_clip_stats")) if n]
@@ -170,10 +187,16 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
             guidance = SLDGuidance.from_record(settings.sld) if settings.sld else CFGGuidance()
             logger.info("process %d: %d batches of %s, %d steps", world.rank, len(batches), settings.sampler,
                         settings.steps)
-            for image in generate(stages, batches, settings, start_sigma=start_sigma, init_images=tensors,
-                                  guidance=guidance, safety_checker=safety.checker,
-                                  on_step=progress.step if progress is not None else None,
-                                  on_batch=progress.batch if progress is not None else None):
+            callbacks = {"guidance": guidance, "safety_checker": safety.checker,
+                         "on_step": progress.step if progress is not None else None,
+                         "on_batch": progress.batch if progress is not None else None}
+            if low_memory:
+                loaders = [partial(load_stage, plan, k, stage.sigmas, settings) for k, stage in enumerate(stages)]
+                images = generate_model_by_model(loaders, [stage.sigmas for stage in stages], batches, settings,
+                                                 **callbacks)
+            else:
+                images = generate(stages, batches, settings, start_sigma=start_sigma, init_images=tensors, **callbacks)
+            for image in images:
                 if image.job.index in done:
                     continue  # a batch is made whole (the same pixels); its images already there are kept
                 writer.write(image)

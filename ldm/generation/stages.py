@@ -98,22 +98,27 @@ def build_stages(
     ``images`` are the run's init images (3, H, W) in [-1, 1], for conditioners that embed them (unCLIP);
     ``embeddings`` the trigger words of the textual-inversion embeddings registered in the models.
     """
-    text = TextOptions(settings.prompt_syntax, settings.clip_skip, tuple(embeddings))
     alphas = models[0][1].alphas_cumprod
     for role, model in models[1:]:
         if not torch.equal(torch.as_tensor(model.alphas_cumprod).double().cpu(), torch.as_tensor(alphas).double().cpu()):
             raise SdgenError(f"the {models[0][0]} and the {role} use different noise schedules; they cannot hand over")
     run_grids = plan_grids(settings, alphas, [role for role, _ in models])
     two_stage = len(models) == 2
-    stages = []
-    for (role, model), (_, sigmas) in zip(models, run_grids.stages):
-        device = getattr(model, "device", None)
-        micro = micro_conditioning(settings, role, two_stage)
-        inputs = ConditioningInputs(micro=micro, images=[t.to(device) for t in images],
-                                    noise_level=settings.noise_level, text=text)
-        stages.append(Stage(role, model, model.make_denoiser(settings.grid), model.make_conditioner(inputs), sigmas))
-        logger.info("%s: %d steps, sigma %.4f -> %.4f", role, stages[-1].steps, float(sigmas[0]), float(sigmas[-1]))
+    stages = [make_stage(role, model, sigmas, settings, images, embeddings, two_stage)
+              for (role, model), (_, sigmas) in zip(models, run_grids.stages)]
     return stages, run_grids.start_sigma
+
+
+def make_stage(role: str, model: Any, sigmas: torch.Tensor, settings: Settings, images: Sequence[torch.Tensor] = (),
+               embeddings: Sequence[str] = (), two_stage: bool = False) -> Stage:
+    """One stage: ``model``'s denoiser and conditioner (with the stage's micro-conditioning) on ``sigmas``."""
+    text = TextOptions(settings.prompt_syntax, settings.clip_skip, tuple(embeddings))
+    device = getattr(model, "device", None)
+    inputs = ConditioningInputs(micro=micro_conditioning(settings, role, two_stage),
+                                images=[t.to(device) for t in images], noise_level=settings.noise_level, text=text)
+    stage = Stage(role, model, model.make_denoiser(settings.grid), model.make_conditioner(inputs), sigmas)
+    logger.info("%s: %d steps, sigma %.4f -> %.4f", role, stage.steps, float(sigmas[0]), float(sigmas[-1]))
+    return stage
 
 
 def stage_summary(stages: Sequence[Stage]) -> list[dict[str, Any]]:
