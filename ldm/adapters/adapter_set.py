@@ -14,6 +14,7 @@ prompt lines that ask for different sets are refused (split them into runs).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -86,8 +87,6 @@ class Adapters:
 
 
 def _names(text: str, word: str) -> bool:
-    import re
-
     return re.search(r"(?<![\w-])" + re.escape(word) + r"(?![\w-])", text) is not None
 
 
