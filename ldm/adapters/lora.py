@@ -27,6 +27,7 @@ from torch import nn
 
 from ldm.adapters.lora_keys import Target
 from ldm.errors import SdgenError
+from ldm.modules.packed_conv import unpack_convolutions
 
 _SUFFIXES = (  # (regex for the end of a key, role)
     (r"\.lora_down\.weight$", "down"), (r"\.lora_up\.weight$", "up"),
@@ -158,6 +159,7 @@ def match_lora(path: Path, layers: Mapping[str, LoraLayer], keys: list[str], tar
 @torch.no_grad()
 def merge_lora(model: nn.Module, matched: list[tuple[Target, LoraLayer]], weight: float) -> None:
     """``W += weight * (alpha / rank) * B @ A`` for each matched layer, in float32, into the model's weights."""
+    unpack_convolutions(model)  # a convolution that already ran holds its weight packed
     params = dict(model.named_parameters())
     for target, layer in matched:
         param = params[target.key]

@@ -7,6 +7,9 @@
   tensors (about 20 % on the CPU); the weights are converted once, and the UNet converts its input. Used for the
   reduced precisions only: in float32 NHWC kernels round differently in the last bits, and a float32 run
   keeps reproducing earlier images bit for bit.
+* packed convolutions: on the CPU every convolution of the UNet and the VAE reorders its weight once for
+  oneDNN instead of on every call (:mod:`ldm.modules.packed_conv`): a float32 UNet step at 512 px about 15 %
+  faster, bf16 about 12 %; bf16 results are identical, float32 agree to about 1e-5 relative.
 * ``--compile``: ``torch.compile`` of the UNet (the first step pays the compile time).
 * ``--vae-tiling``: the VAE decodes in overlapping, blended tiles (:mod:`ldm.models.vae_tiling`).
 """
@@ -60,6 +63,18 @@ def use_channels_last(model: Any) -> None:
             module.channels_last = True
 
 
+def pack_model_convolutions(model: Any) -> int:
+    """Packed convolutions (:mod:`ldm.modules.packed_conv`) in the UNet and the VAE; returns how many."""
+    from ldm.modules.packed_conv import pack_convolutions
+
+    count = 0
+    for module in (getattr(getattr(model, "model", None), "diffusion_model", None),
+                   getattr(model, "first_stage_model", None)):
+        if isinstance(module, torch.nn.Module):
+            count += pack_convolutions(module)
+    return count
+
+
 def compile_unet(model: Any) -> None:
     """``torch.compile`` the UNet's forward (compiled on its first call)."""
     unet = model.model.diffusion_model
@@ -96,14 +111,17 @@ def precision_hint(precision: str, device: torch.device) -> Optional[str]:
 
 
 def prepare_for_inference(model: Any, precision: str, device: torch.device, *, channels_last: bool = True,
-                          compile: bool = False, vae_tiling: bool = False) -> Any:
-    """``model`` converted for a run at ``precision`` on ``device`` (see the module docstring); returns it."""
+                          compile: bool = False, vae_tiling: bool = False, pack: bool = True) -> Any:
+    """``model`` converted for a run at ``precision`` on ``device`` (see the module docstring); returns it.
+    ``pack``: packed convolutions on the CPU (they pack on their first call, after LoRA merges)."""
     kind = "sdxl" if hasattr(model, "conditioner") else "sd"
     dtype = weights_dtype(kind, precision, device)
     if dtype is not None:
         convert_weights(model, dtype)
     if channels_last and reduced_precision(precision, device) and device.type in ("cpu", "cuda"):
         use_channels_last(model)
+    if pack and device.type == "cpu" and not compile:
+        pack_model_convolutions(model)
     if compile:
         compile_unet(model)
     if vae_tiling:
@@ -113,4 +131,5 @@ def prepare_for_inference(model: Any, precision: str, device: torch.device, *, c
     return model
 
 
-__all__ = ["weights_dtype", "prepare_for_inference", "use_channels_last", "compile_unet", "precision_hint"]
+__all__ = ["weights_dtype", "prepare_for_inference", "use_channels_last", "compile_unet", "precision_hint",
+           "pack_model_convolutions"]
