@@ -8,7 +8,9 @@ For each family (SD 1.x, SD 2.x v, SDXL base) on its tiny test config and on the
 * no NaN / inf in the fp16 images (the SDXL VAE must run in float32, as the originals upcast it);
 * channels_last in use for reduced precision, and which scaled-dot-product-attention kernel ran (flash /
   memory-efficient / math, from the profiler);
-* images per second of txt2img at 512 and 1024 px (20 steps, guidance), fp16 autocast.
+* images per second of txt2img at 512 and 1024 px (20 steps, guidance), fp16 autocast;
+* ``--offload``: the weights in host memory, each part on the GPU only while it runs: the same images, and the
+  peak GPU memory with and without it.
 
 Exits 0 with a note when no CUDA device is present; 1 when a check fails.
 """
@@ -107,6 +109,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def peak_gpu_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+
+
+def offload_check(model: Any, settings: Settings, want: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """The model's images with ``--offload`` (weights in host memory) against ``want``; peak GPU memory of one
+    image with and without offload."""
+    from ldm.generation.offload import offload_model
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    images(model, settings, 1)
+    resident = peak_gpu_gb(device)
+    model.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    offload = offload_model(model, device)
+    got = images(model, settings, 1)
+    row = {"offload_same_images": bool(torch.equal(got, want)), "peak_gpu_gb": resident,
+           "peak_gpu_gb_offload": peak_gpu_gb(device)}
+    offload.release()
+    return row
+
+
 def check_family(name: str, quick: bool, device: torch.device) -> dict[str, Any]:
     tiny_config, full_config, tiny_size, tiny_factor = FAMILIES[name]
     out: dict[str, Any] = {}
@@ -132,6 +159,7 @@ def check_family(name: str, quick: bool, device: torch.device) -> dict[str, Any]
                 images(model, settings, 2)
                 synchronize(device)
                 row[f"images_per_s_{px}"] = 2 / (time.perf_counter() - start)
+        row.update(offload_check(model, settings_for(model, size, factor, "autocast", 4), half, device))
         out[scale] = row
         del model
         if device.type == "cuda":
@@ -155,7 +183,7 @@ def main() -> int:
     results = {name: check_family(name, args.quick, device) for name in FAMILIES}
     failed = [f"{name} {scale}" for name, rows in results.items() for scale, row in rows.items()
               if not row["finite"] or row["unet_fp16_vs_fp32"] > 0.05
-              or (device.type == "cuda" and not row["channels_last"])]
+              or not row["offload_same_images"] or (device.type == "cuda" and not row["channels_last"])]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print("FAILED: " + ", ".join(failed) if failed else "all checks passed")

@@ -161,6 +161,8 @@ def flags(command: str) -> SimpleNamespace:
                      "minutes on a CPU)"),
         vae_tiling=_opt("--vae-tiling", kind=bool_, help="decode in overlapping 512 px tiles, blended: bounded memory "
                         "for large images (a tiled decode differs slightly from a whole one)"),
+        offload=_opt("--offload", kind=bool_, help="CUDA: keep the weights in host memory and move the text "
+                     "encoder, UNet and VAE to the GPU only while each runs (GPU memory of one part at a time)"),
         low_memory=_opt("--low-memory", kind=bool_, help="keep only one of base and refiner in memory: the base "
                         "runs every batch, then the refiner (the same images; they appear at the end)"),
         prompt_syntax=_opt("--prompt-syntax", kind=str, help="a1111: (word:1.2) weights, [word], BREAK, "
@@ -195,7 +197,7 @@ RUN_FLAGS = ("sweep", "resume", "devices", "threads", "num_nodes", "accelerator"
 #: The prompt and adapter flags: prompt syntax, clip skip, LoRA, embeddings, VAE.
 TEXT_FLAGS = ("prompt_syntax", "clip_skip", "lora", "lora_dir", "embedding", "embeddings_dir", "vae")
 #: Speed and memory flags.
-PERF_FLAGS = ("compile", "vae_tiling")
+PERF_FLAGS = ("compile", "vae_tiling", "offload")
 #: The SDXL grid and micro-conditioning flags.
 SDXL_FLAGS = ("grid", "original_size", "crop_coords", "target_size", "aesthetic_score", "negative_aesthetic_score")
 
@@ -207,7 +209,7 @@ SIGNATURE_DEFAULTS: dict[str, Any] = {
     "no_safety_checker": False, "no_watermark": False, "resume": False, "num_nodes": UNSET.num_nodes,
     "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout, "prompt_syntax": UNSET.prompt_syntax,
     "clip_skip": UNSET.clip_skip, "schedule": UNSET.schedule, "compile": False, "vae_tiling": False,
-    "low_memory": False,
+    "low_memory": False, "offload": False,
 }
 
 

@@ -57,7 +57,8 @@ class GenerateOptions:
         threads: CPU threads per process (None: the cores shared out over the machine's processes).
         safety_checker / no_safety_checker / watermark: output safety; precision / device: where and how.
         compile: ``torch.compile`` the UNet; vae_tiling: decode in overlapping tiles (bounded memory for large
-            images) (:mod:`ldm.generation.inference`); low_memory: ``sdxl-refine`` keeps one of base and refiner
+            images) (:mod:`ldm.generation.inference`); offload: CUDA, weights in host memory, each part on the
+            GPU only while it runs (:mod:`ldm.generation.offload`); low_memory: ``sdxl-refine`` keeps one of base and refiner
             in memory at a time (:func:`ldm.generation.generate.generate_model_by_model`).
     """
 
@@ -118,6 +119,7 @@ class GenerateOptions:
     device: str = "auto"
     compile: bool = False
     vae_tiling: bool = False
+    offload: bool = False
     low_memory: bool = False
     devices: Optional[int] = None
     threads: Optional[int] = None

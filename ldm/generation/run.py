@@ -15,6 +15,7 @@ import threading
 from functools import partial
 from typing import Any, Callable, Mapping, Optional, Protocol
 
+import torch
 
 from ldm.adapters.adapter_set import apply_adapters
 from ldm.errors import SdgenError
@@ -49,20 +50,29 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
     """Load one planned model on the plan's device (unCLIP with its image tower and CLIP statistics)."""
     from ldm.checkpoint import load_model
 
-    logger.info("loading %s with %s on %s", spec.files.checkpoint, spec.files.config, plan.device)
+    offload = plan.opts.offload
+    if offload and plan.device.type != "cuda":
+        raise SdgenError(f"--offload moves the model's parts to a GPU while they run; this run is on "
+                         f"{plan.device.type} (use --device cuda, or leave --offload out)")
+    home = torch.device("cpu") if offload else plan.device  # --offload: weights in host memory
+    logger.info("loading %s with %s on %s", spec.files.checkpoint, spec.files.config, home)
     if spec.kind == "unclip":
         from ldm.models.diffusion.unclip import load_unclip_model
 
         model = load_unclip_model(str(spec.files.config), spec.files.checkpoint, embedder_ckpt=plan.opts.embedder_ckpt,
-                                  clip_stats=plan.opts.clip_stats, device=plan.device)
-        return prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
-                                 vae_tiling=plan.opts.vae_tiling)
-    # SDXL loads straight into its reduced-precision dtype (half the memory); SD 1.x / 2.x load float32 and
-    # convert the UNet and text encoders only (their VAE keeps float32 weights)
-    dtype = weights_dtype(spec.kind, plan.opts.precision, plan.device) if spec.kind == "sdxl" else None
-    model = load_model(spec.config, spec.files.checkpoint, device=plan.device, dtype=dtype)
-    return prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
-                                 vae_tiling=plan.opts.vae_tiling)
+                                  clip_stats=plan.opts.clip_stats, device=home)
+    else:
+        # SDXL loads straight into its reduced-precision dtype (half the memory); SD 1.x / 2.x load float32 and
+        # convert the UNet and text encoders only (their VAE keeps float32 weights)
+        dtype = weights_dtype(spec.kind, plan.opts.precision, plan.device) if spec.kind == "sdxl" else None
+        model = load_model(spec.config, spec.files.checkpoint, device=home, dtype=dtype)
+    model = prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
+                                  vae_tiling=plan.opts.vae_tiling)
+    if offload:
+        from ldm.generation.offload import offload_model
+
+        offload_model(model, plan.device)
+    return model
 
 
 def load_stage(plan: RunPlan, k: int, sigmas: Any, settings: Settings) -> Any:

@@ -201,7 +201,11 @@ class DiffusionEngine(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Device of the UNet weights."""
+        """Device the model computes on: that of the UNet weights, or with ``--offload`` the GPU its modules
+        move to while they run (:mod:`ldm.generation.offload`)."""
+        offload = getattr(self, "offload", None)
+        if offload is not None:
+            return offload.device
         return next(self.model.parameters()).device
 
     @property
