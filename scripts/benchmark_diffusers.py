@@ -312,6 +312,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--e2e-repeats", type=int, default=1)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--precisions", default="fp32,bf16", help="which of fp32, bf16 to measure")
     parser.add_argument("--scaling", action="store_true", help="step time vs size (256..1024) and batch (1, 2, 4)")
     parser.add_argument("--n-iter", type=int, default=0, help="also run sdgen bf16 for this many batches and "
                         "print each batch's time and the resident memory after it")
@@ -330,7 +331,7 @@ def main() -> None:
     results: dict[str, Any] = {"unet_agreement": rel, "threads": torch.get_num_threads()}
     layouts: dict[str, bool] = {}
     with torch.no_grad():
-        for precision in ("fp32", "bf16"):
+        for precision in args.precisions.split(","):
             from ldm.generation.inference import prepare_for_inference
 
             prepare_for_inference(model, "bf16" if precision == "bf16" else "full", torch.device("cpu"))
@@ -347,7 +348,7 @@ def main() -> None:
                       f"{medians['diffusers']:.1f} s; ratio {medians['ratio']:.2f}", flush=True)
         if args.scaling:
             print("scaling (bf16):", flush=True)
-            results["scaling"] = scaling(model, d_unet, args.repeats, args.plot, layouts["bf16"])
+            results["scaling"] = scaling(model, d_unet, args.repeats, args.plot, layouts.get("bf16", False))
         if args.n_iter:
             per_batch: list = []
             sdgen_txt2img(model, "bf16", args.steps, n_iter=args.n_iter, per_batch=per_batch)

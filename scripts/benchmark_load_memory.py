@@ -10,6 +10,8 @@ forward pass would, so that lazily mapped file pages are counted too) and report
 afterwards unless ``--keep`` is given.
 
     python scripts/benchmark_load_memory.py [--config configs/sdxl/sd_xl_base.yaml] [--dir /tmp] [--keep]
+    python scripts/benchmark_load_memory.py --config configs/stable-diffusion/v1-inference.yaml --dtype float32 \
+        --format ckpt        # an SD 1.x float32 .ckpt (torch zip pickle with "state_dict"), 4.3 GB
 
 Needs about 7 GB of free disk and, for the loader under test, about 1.3 x 7 GB of free RAM.
 """
@@ -51,10 +53,10 @@ def status(field):
                 return int(line.split()[1]) * 1024
     return 0
 
-config, path = sys.argv[1], sys.argv[2]
+config, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 before = status("VmRSS")
 start = time.perf_counter()
-model = load_model(config, path, device="cpu", dtype=torch.float16)
+model = load_model(config, path, device="cpu", dtype=dtype)
 seconds = time.perf_counter() - start
 peak_load = status("VmHWM")
 tensors = list(model.parameters()) + list(model.buffers())
@@ -67,12 +69,12 @@ print(json.dumps({"rss_before_load": before, "peak_rss_during_load": peak_load, 
 """
 
 
-def tensor_specs(config: str) -> list[tuple[str, list[int], str]]:
+def tensor_specs(config: str, dtype: str = "float16") -> list[tuple[str, list[int], str]]:
     """(key, shape, dtype name) of every tensor of the released file, from the model built on meta."""
     from ldm.checkpoint import build_model_on_meta
 
     model = build_model_on_meta(config)
-    specs = [(k, list(v.shape), "float16") for k, v in model.state_dict().items() if k not in SKIPPED_KEYS]
+    specs = [(k, list(v.shape), dtype) for k, v in model.state_dict().items() if k not in SKIPPED_KEYS]
     if any(k.startswith("conditioner.embedders.0.transformer.") for k, _, _ in specs):
         specs.append((CLIP_POSITION_IDS, [1, 77], "int64"))
     del model
@@ -101,16 +103,28 @@ def write_synthetic_safetensors(path: Path, specs: list[tuple[str, list[int], st
             if dtype == "int64":
                 tensor = torch.arange(int(np.prod(shape)), dtype=torch.int64).reshape(shape)
             else:
-                tensor = (torch.randn(shape, generator=g) * 0.02).to(torch.float16)
+                tensor = (torch.randn(shape, generator=g) * 0.02).to(getattr(torch, dtype))
             f.write(tensor.contiguous().numpy().tobytes())
             del tensor
     return path.stat().st_size
 
 
-def measure(config: str, path: Path) -> dict:
+def write_synthetic_ckpt(path: Path, specs: list[tuple[str, list[int], str]], seed: int = 0) -> int:
+    """Write a pickle ``.ckpt`` ({"state_dict": ...}, torch's zip format, as the original training saved it)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {key: (torch.arange(int(torch.Size(shape).numel()), dtype=torch.int64).reshape(shape)
+                   if dtype == "int64" else (torch.randn(shape, generator=g) * 0.02).to(getattr(torch, dtype)))
+             for key, shape, dtype in specs}
+    torch.save({"state_dict": state, "global_step": 0}, path)
+    return path.stat().st_size
+
+
+def measure(config: str, path: Path, dtype: str = "float16") -> dict:
     """Load ``path`` in a fresh process and return its memory figures."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, config, str(path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, config, str(path), dtype], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the loading process failed:\n{proc.stderr[-4000:]}")
@@ -122,18 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "sdxl" / "sd_xl_base.yaml"))
     parser.add_argument("--dir", default=None, help="where to write the synthetic file (a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic file")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                        help="the file's weights, loaded in the same dtype")
+    parser.add_argument("--format", default="safetensors", choices=["safetensors", "ckpt"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     folder = Path(tempfile.mkdtemp(prefix="sdgen-load-bench-", dir=args.dir))
-    path = folder / "sd_xl_base_0.9-synthetic.safetensors"
+    path = folder / f"{Path(args.config).stem}-synthetic.{args.format}"
     try:
         start = time.perf_counter()
-        specs = tensor_specs(args.config)
-        file_size = write_synthetic_safetensors(path, specs)
+        specs = tensor_specs(args.config, args.dtype)
+        writer = write_synthetic_ckpt if args.format == "ckpt" else write_synthetic_safetensors
+        file_size = writer(path, specs)
         logger.info("wrote %s: %d tensors, %.2f GB in %.0f s", path, len(specs), file_size / 1e9,
                     time.perf_counter() - start)
-        figures = measure(args.config, path)
+        figures = measure(args.config, path, args.dtype)
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)

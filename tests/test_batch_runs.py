@@ -3,7 +3,6 @@ processes (Lightning Fabric) giving the same images as one."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
