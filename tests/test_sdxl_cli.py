@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import typer
 from PIL import Image
 from typer.testing import CliRunner
 
 from ldm.cli.app import register
+from ldm.generation.inference import prepare_for_inference
 from ldm.output import load_manifest, png_pixels, read_parameters
 from tests.safety_tiny import write_flag_all_checker
 from tests.sdxl_tiny import SIZE, TINY_CONFIGS, tiny_engine, write_tiny_checkpoint
@@ -252,7 +254,8 @@ def test_subprocess_end_to_end(tmp_path, files):
 
 @pytest.fixture(scope="module")
 def tiny_base():
-    return tiny_engine("base")
+    """The base as the commands prepare it (packed convolutions on the CPU)."""
+    return prepare_for_inference(tiny_engine("base"), "autocast", torch.device("cpu"))
 
 
 def library_images(base, n: int = 1, **settings) -> list[np.ndarray]:
