@@ -195,11 +195,9 @@ def sdgen_txt2img(model, precision: str, steps: int, size: int = 512, batch: int
 
 def rss_gb() -> float:
     """This process's resident memory now, GB (Linux /proc)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1e6
-    return float("nan")
+    from ldm.util import process_memory
+
+    return process_memory("VmRSS") / 1e9
 
 
 def diffusers_txt2img(model, d_unet, d_vae, dtype: torch.dtype, steps: int, size: int = 512) -> None:

@@ -45,13 +45,7 @@ _CHILD = r"""
 import json, sys, time
 import torch
 from ldm.checkpoint import load_model
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+from ldm.util import process_memory as status
 
 config, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 before = status("VmRSS")

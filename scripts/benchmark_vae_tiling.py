@@ -22,20 +22,13 @@ _CHILD = r"""
 import json, sys, time
 import torch
 from ldm.bundled import bundled_path
-from ldm.checkpoint import build_model_on_meta, load_config
-from ldm.modules.packed_conv import pack_convolutions
+from ldm.checkpoint import load_config
 from ldm.models.vae_tiling import Tiling
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+from ldm.modules.packed_conv import pack_convolutions
+from ldm.util import instantiate_from_config, process_memory as status
 
 size, tiled = int(sys.argv[1]), sys.argv[2] == "tiled"
 config = load_config(bundled_path("configs/stable-diffusion/v1-inference.yaml"))
-from ldm.util import instantiate_from_config
 vae = instantiate_from_config(config.model.params.first_stage_config).eval().requires_grad_(False)
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():

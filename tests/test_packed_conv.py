@@ -75,6 +75,23 @@ def test_autocast_packs_a_bf16_copy_and_keeps_the_float32_weight():
             assert torch.equal(packed(x), eager(x))
 
 
+def test_a_packed_convolution_converted_afterwards_still_computes():
+    """``.to()`` after packing converts the released (empty) weight; the next call the packed kernel cannot
+    serve (float64 here, a GPU in an offloaded run) unpacks onto the weight's dtype and device and runs eagerly."""
+    torch.manual_seed(3)
+    eager = nn.Conv2d(6, 6, 3, padding=1)
+    packed = PackedConv2d.convert(copy.deepcopy(eager))
+    x = torch.randn(1, 6, 8, 8)
+    with torch.no_grad():
+        packed(x)
+        assert packed.weight.numel() == 0
+        packed.to(torch.float64)
+        eager.to(torch.float64)
+        got = packed(x.double())
+        assert got.dtype == torch.float64 and torch.equal(got, eager(x.double()))
+        assert torch.equal(packed.weight, eager.weight)
+
+
 def test_without_the_kernel_nothing_changes(monkeypatch):
     from ldm.modules import packed_conv
 

@@ -35,16 +35,15 @@ class ModelOffload:
         self.parts: list[nn.Module] = [child for _, child in model.named_children()
                                        if any(True for _ in child.parameters())]
         self.resident: Optional[nn.Module] = None
-        self.moves: list[tuple[nn.Module, torch.device]] = []
+        self._model = model
         self._handles = []
         for part in self.parts:
             self.move(part, self.home)
             for module in part.modules():
                 self._handles.append(module.register_forward_pre_hook(
                     lambda module, args, part=part: self.make_resident(part)))
-        for name, param in list(model._parameters.items()):
-            if param is not None:
-                model._parameters[name] = param.to(self.device)
+        for param in model.parameters(recurse=False):
+            param.data = param.data.to(self.device)
         for name, buffer in list(model._buffers.items()):
             if buffer is not None:
                 model._buffers[name] = buffer.to(self.device)
@@ -55,19 +54,19 @@ class ModelOffload:
             return
         if self.resident is not None:
             self.move(self.resident, self.home)
-            self.moves.append((self.resident, self.home))
         self.move(part, self.device)
-        self.moves.append((part, self.device))
         self.resident = part
 
     def release(self) -> None:
-        """Everything back home and the hooks removed."""
+        """Everything back home, the hooks removed, and ``model.device`` that of its weights again."""
         if self.resident is not None:
             self.move(self.resident, self.home)
             self.resident = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if getattr(self._model, "offload", None) is self:
+            del self._model.offload
 
 
 def offload_model(model: Any, device: torch.device, move: Optional[Mover] = None) -> ModelOffload:

@@ -51,9 +51,6 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
     from ldm.checkpoint import load_model
 
     offload = plan.opts.offload
-    if offload and plan.device.type != "cuda":
-        raise SdgenError(f"--offload moves the model's parts to a GPU while they run; this run is on "
-                         f"{plan.device.type} (use --device cuda, or leave --offload out)")
     home = torch.device("cpu") if offload else plan.device  # --offload: weights in host memory
     logger.info("loading %s with %s on %s", spec.files.checkpoint, spec.files.config, home)
     if spec.kind == "unclip":
@@ -128,6 +125,9 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
 
     world = world or World()
     opts = plan.opts
+    if opts.offload and plan.device.type != "cuda":
+        raise SdgenError(f"--offload moves the model's parts to a GPU while they run; this run is on "
+                         f"{plan.device.type} (use --device cuda, or leave --offload out)")
     check_same_run(world, {"checkpoints": plan.models_sha256(), "images": plan.num_images,
                            "init images": [i.sha256 for i in plan.init_images]})
     check_shared_folder(world, plan.out.root)

@@ -60,14 +60,14 @@ class PackedConv2d(nn.Conv2d):
         return dtype if dtype in (torch.float32, torch.bfloat16) else None
 
     def _is_packed_for(self, dtype: torch.dtype) -> bool:
-        return (self._packed is not None and self._packed.dtype == dtype and self._packed_from is not None and self._packed_from() is self.weight
-                and self.weight._version == self._packed_version
+        return (self._packed is not None and self._packed.dtype == dtype and self._packed_from is not None
+                and self._packed_from() is self.weight and self.weight._version == self._packed_version
                 and (self.weight.numel() == 0 or self.weight.dtype != dtype))
 
     def _dense(self) -> torch.Tensor:
         """The plain (O, I, kH, kW) weight: the parameter, or unpacked when it was released."""
-        if self.weight.numel() == 0 and self._packed is not None:
-            return self._packed.to_dense().to(self.weight.dtype)
+        if self.weight.numel() == 0 and self._packed is not None:  # on the weight's device (after a .to())
+            return self._packed.to_dense().to(device=self.weight.device, dtype=self.weight.dtype)
         return self.weight.detach()
 
     def _pack(self, x: torch.Tensor, dtype: torch.dtype) -> None:
@@ -84,7 +84,7 @@ class PackedConv2d(nn.Conv2d):
     def unpack(self) -> None:
         """Give the ``weight`` Parameter back its dense values (to edit them in place) and drop the packed one."""
         if self._packed is not None and self.weight.numel() == 0:
-            self.weight.data = self._packed.to_dense().to(self.weight.dtype)
+            self.weight.data = self._dense()
         self._packed = None
         self._packed_from = None
 
