@@ -228,3 +228,35 @@ def test_posterior_sampling_uses_the_generator() -> None:
     rows = post.sample(generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)])
     torch.testing.assert_close(rows[1], torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(6)) * math.exp(10.0))
     assert torch.equal(post.mode(), post.mean)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_groupnorm32_in_bfloat16_computes_in_float32_without_float32_copies(memory_format):
+    """bf16 GroupNorm32 on the CPU: the float32 computation rounded to bf16 (at most one bf16 step apart where
+    the float32 sums are ordered differently; 99 % equal), and no dtype conversion of the activations."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ldm.modules.diffusionmodules.util import GroupNorm32
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(32, 320).to(torch.bfloat16)
+    norm.weight.data.copy_(torch.rand(320, generator=g) + 0.5)
+    norm.bias.data.copy_(torch.randn(320, generator=g))
+    x = (torch.randn(2, 320, 16, 16, generator=g) * 3 + 1).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    with Ops() as ops:
+        got = norm(x)
+    assert got.dtype == torch.bfloat16
+    assert not [n for n in ops.names if "copy" in n or "to" == n.split(".")[-1]], ops.names
+    want = torch.nn.functional.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), norm.eps)
+    # one bf16 step at each value, plus an absolute floor for results near zero (x * scale + shift cancels there)
+    assert ((got.float() - want).abs() <= want.abs() * 2.0 ** -7 + 2.0 ** -8).all()
+    assert (got.float() == want.to(torch.bfloat16).float()).float().mean() > 0.99

@@ -51,6 +51,12 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return super().forward(x)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # The CPU kernel reads bfloat16 and computes the statistics and the affine map in float32 (torch's
+            # mixed-type GroupNorm): the same float32 computation, without a float32 copy of x in and out
+            # (7 -> 1 ms at 2 x 320 x 64 x 64 channels_last; equal to the upcast path but for rare 1-ulp
+            # differences from the order of the float32 sums).
+            return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         out = nn.functional.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
