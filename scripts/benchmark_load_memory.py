@@ -36,7 +36,7 @@ logger = logging.getLogger("benchmark_load_memory")
 
 CLIP_POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 SKIPPED_KEYS = ("denoiser.sigmas",)
-TARGET_RATIO = 1.1  # issue target: peak resident memory of a load <= 1.1 x the file
+TARGET_RATIO = 1.1  # goal: the whole process's peak resident memory <= 1.1 x the file
 
 _SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16", "int64": "I64"}
 
@@ -63,7 +63,8 @@ n_bytes = sum(t.numel() * t.element_size() for t in tensors)
 for t in tensors:
     if t.numel():
         t.amax()
-print(json.dumps({"rss_python": python_rss, "rss_after_import_torch": torch_rss, "rss_before_load": before, "peak_rss_during_load": peak_load, "peak_rss": status("VmHWM"),
+print(json.dumps({"rss_python": python_rss, "rss_after_import_torch": torch_rss, "rss_before_load": before,
+                  "peak_rss_during_load": peak_load, "peak_rss": status("VmHWM"),
                   "rss_after_reading_all_weights": status("VmRSS"), "model_bytes": n_bytes, "load_seconds": seconds}))
 """
 
