@@ -22,6 +22,13 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
+def conv_pair(channels: int, seed: int) -> tuple[nn.Conv2d, PackedConv2d]:
+    """A seeded 3x3 convolution and a packed copy of it."""
+    torch.manual_seed(seed)
+    eager = nn.Conv2d(channels, channels, 3, padding=1)
+    return eager, PackedConv2d.convert(copy.deepcopy(eager))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 1)])
@@ -46,9 +53,7 @@ def test_the_packed_convolution_is_the_convolution(dtype, layout, kernel, stride
 
 
 def test_an_edit_of_the_weight_is_noticed():
-    torch.manual_seed(1)
-    eager = nn.Conv2d(8, 8, 3, padding=1)
-    packed = PackedConv2d.convert(copy.deepcopy(eager))
+    eager, packed = conv_pair(8, seed=1)
     x = torch.randn(1, 8, 12, 12)
     with torch.no_grad():
         packed(x)
@@ -61,9 +66,7 @@ def test_an_edit_of_the_weight_is_noticed():
 
 
 def test_autocast_packs_a_bf16_copy_and_keeps_the_float32_weight():
-    torch.manual_seed(2)
-    eager = nn.Conv2d(16, 16, 3, padding=1)
-    packed = PackedConv2d.convert(copy.deepcopy(eager))
+    eager, packed = conv_pair(16, seed=2)
     x = torch.randn(2, 16, 10, 10)
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -78,9 +81,7 @@ def test_autocast_packs_a_bf16_copy_and_keeps_the_float32_weight():
 def test_a_packed_convolution_converted_afterwards_still_computes():
     """``.to()`` after packing converts the released (empty) weight; the next call the packed kernel cannot
     serve (float64 here, a GPU in an offloaded run) unpacks onto the weight's dtype and device and runs eagerly."""
-    torch.manual_seed(3)
-    eager = nn.Conv2d(6, 6, 3, padding=1)
-    packed = PackedConv2d.convert(copy.deepcopy(eager))
+    eager, packed = conv_pair(6, seed=3)
     x = torch.randn(1, 6, 8, 8)
     with torch.no_grad():
         packed(x)

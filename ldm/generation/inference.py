@@ -88,7 +88,7 @@ def reduced_precision(precision: str, device: torch.device) -> bool:
 
 
 #: UNet step fp32 / bf16 on the full-size SD 1.x model with packed convolutions, CPU with AMX, 2 threads
-#: (scripts/benchmark_diffusers.py: 11.7 s / 6.6 s; an in-process A/B: 12.05 s / 4.56 s).
+#: (scripts/benchmark_diffusers.py: 11.7 s / 6.6 s, and 12.29 s / 4.64 s; an in-process A/B: 12.05 s / 4.56 s).
 BF16_SPEEDUP = 2.0
 
 
