@@ -16,6 +16,20 @@ TINY_CONFIG = REPO / "configs" / "tests" / "sd1-tiny.yaml"
 torch.set_num_threads(int(os.environ.get("SDGEN_TEST_THREADS", "1")))
 
 
+def pytest_report_header(config) -> list[str]:
+    """Which CPU the suite runs on, and how the recorded regression images are compared here (bit for bit on the
+    recording platform, else within the cross-CPU bounds of tests/test_regression_images.py)."""
+    import json
+
+    from tests.regression_images import RECORDED, platform_key
+    from tests.tolerance import cpu_description
+
+    same = json.loads((RECORDED / "platform.json").read_text()) == platform_key()
+    how = ("bit for bit (this is the recording platform)" if same
+           else "within the cross-CPU bounds (recorded on another CPU, torch build or thread count)")
+    return [f"sdgen: {cpu_description()}", f"sdgen: recorded regression images compared {how}"]
+
+
 def randomized_state_dict(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> dict[str, torch.Tensor]:
     """The model's state_dict with every float parameter redrawn (keys in sorted order, one generator).
 

@@ -87,3 +87,19 @@ def sample(name: str, denoiser, noise: torch.Tensor, sigmas: torch.Tensor, *, ex
     x = SAMPLERS[name](denoiser, initial_x(noise, sigmas), sigmas, extra_args=extra_args, callback=callback,
                        noise_sampler=noise_sampler, **options)
     return final_latent(x, sigmas)
+
+
+#: the micro-conditioning numbers behind each golden Fourier vector (README 4a, 5a), in concatenation order
+FOURIER_INPUTS = {
+    "vector_fourier": ("in.original_size_as_tuple", "in.crop_coords_top_left", "in.target_size_as_tuple"),
+    "vector_fourier.aes6": ("in.original_size_as_tuple", "in.crop_coords_top_left", "in.aesthetic_score.c"),
+    "vector_fourier.aes2_5": ("in.original_size_as_tuple", "in.crop_coords_top_left", "in.aesthetic_score.uc"),
+}
+
+
+def fourier_tolerance(data: dict[str, torch.Tensor], name: str):
+    """The cross-CPU tolerance of golden Fourier vector ``name`` (256 dimensions per number)."""
+    from tests.tolerance import sinusoid_tolerance
+
+    numbers = torch.cat([data[k].reshape(len(data[k]), -1) for k in FOURIER_INPUTS[name]], 1)
+    return sinusoid_tolerance(numbers, 256)

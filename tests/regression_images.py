@@ -116,15 +116,16 @@ def inputs(folder: str) -> dict[str, str]:
     return out
 
 
-def run_case(name: str, folder: Path) -> np.ndarray:
-    """Run case ``name`` (files made under ``folder``) and return its samples stacked top to bottom."""
+def run_case(name: str, folder: Path, extra: list[str] = ()) -> np.ndarray:
+    """Run case ``name`` (files made under ``folder``; ``extra`` flags appended) and return its samples stacked
+    top to bottom."""
     from typer.testing import CliRunner
 
     from ldm.cli.app import app
 
     values = inputs(str(folder / "inputs"))
-    outdir = folder / name
-    args = [a.format(**values) for a in CASES[name]] + ["--outdir", str(outdir)]
+    outdir = folder / (name + "".join(extra).replace("-", "_"))
+    args = [a.format(**values) for a in CASES[name]] + list(extra) + ["--outdir", str(outdir)]
     result = CliRunner().invoke(app, args)
     if result.exit_code != 0:
         raise RuntimeError(f"{name}: exit {result.exit_code}: {result.stderr} {result.exception!r}")
@@ -138,8 +139,9 @@ def run_case(name: str, folder: Path) -> np.ndarray:
     return np.concatenate([np.pad(i, ((0, 0), (0, width - i.shape[1]), (0, 0))) for i in images])
 
 
-def platform_key() -> dict[str, str]:
-    """What floating-point results depend on beyond sdgen: the torch build and the CPU's vector units."""
+def platform_key() -> dict[str, str | int]:
+    """What floating-point results depend on beyond sdgen: the torch build, the CPU's vector units and the number
+    of threads (oneDNN's convolutions sum in an order that follows it)."""
     import platform
 
     import torch
@@ -151,7 +153,8 @@ def platform_key() -> dict[str, str]:
         flags = " ".join(sorted(f for f in line.split() if f.startswith(("avx", "amx", "fma", "sse4"))))
     except OSError:
         pass
-    return {"torch": torch.__version__, "machine": platform.machine(), "cpu_flags": flags}
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpu_flags": flags,
+            "threads": torch.get_num_threads()}
 
 
 def recorded(name: str) -> np.ndarray:

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from ldm.generation import inference
-from ldm.modules.packed_conv import PackedConv2d, pack_convolutions, packing_available, unpack_convolutions
+from ldm.modules import packed_conv
+from ldm.modules.packed_conv import (PackedConv2d, bf16_packing_available, pack_convolutions, packing_available,
+                                     unpack_convolutions)
 from tests.test_inference import tiny
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN")
@@ -46,6 +48,9 @@ def test_the_packed_convolution_is_the_convolution(dtype, layout, kernel, stride
                 assert torch.equal(got, want)
             else:
                 assert relative(got, want) < FLOAT32_RELATIVE
+    if dtype == torch.bfloat16 and not bf16_packing_available():  # an AVX2-only CPU: bf16 stays eager
+        assert packed._packed is None and torch.equal(packed.weight, eager.weight)
+        return
     assert packed.weight.numel() == 0  # the packed weight replaced the dense one: no extra memory
     assert torch.equal(packed.state_dict()["weight"], eager.weight)
     packed.unpack()
@@ -93,9 +98,25 @@ def test_a_packed_convolution_converted_afterwards_still_computes():
         assert torch.equal(packed.weight, eager.weight)
 
 
-def test_without_the_kernel_nothing_changes(monkeypatch):
-    from ldm.modules import packed_conv
+def test_without_the_bf16_path_bf16_calls_are_eager_and_float32_calls_packed(monkeypatch):
+    """oneDNN reorders bf16 weights only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere a bf16 call
+    (bf16 weights, or autocast) is the eager convolution, and float32 calls are still packed."""
+    monkeypatch.setattr(packed_conv, "bf16_packing_available", lambda: False)
+    eager, packed = conv_pair(8, seed=4)
+    x = torch.randn(1, 8, 12, 12)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(packed(x), eager(x))
+        assert packed._packed is None and torch.equal(packed.weight, eager.weight)
+        packed.to(torch.bfloat16)
+        eager.to(torch.bfloat16)
+        assert torch.equal(packed(x.bfloat16()), eager(x.bfloat16())) and packed._packed is None
+        packed.float()
+        eager.float()
+        assert relative(packed(x), eager(x)) < FLOAT32_RELATIVE and packed._packed is not None
 
+
+def test_without_the_kernel_nothing_changes(monkeypatch):
     monkeypatch.setattr(packed_conv, "packing_available", lambda: False)
     net = nn.Sequential(nn.Conv2d(3, 3, 1))
     assert pack_convolutions(net) == 0 and type(net[0]) is nn.Conv2d

@@ -1,6 +1,8 @@
 """Schedules and sampling grids (ldm.sampling.schedules) against the originals' numbers.
 
-Bit-exact references come from the golden buffers (tests/data/golden); the other numbers were computed
+References come from the golden buffers (tests/data/golden, made on another CPU: compared through
+tests/tolerance.py) and from the original formulas written out here and run on this machine, which must agree
+bit for bit where the original's rounding is the point (the SGM discretization); the other numbers were computed
 from the original formulas (CompVis ddim/img2img, SGM discretizer and demo wrappers, k-diffusion).
 """
 
@@ -15,6 +17,7 @@ import torch
 from ldm.errors import SdgenError
 from ldm.sampling import grids, schedules
 from tests.golden import case_data, case_state_dict
+from tests.tolerance import IEEE_EXACT, SGM_SIGMAS, assert_matches_recorded
 
 SD_LINEAR = dict(linear_start=0.00085, linear_end=0.012)
 
@@ -28,8 +31,8 @@ def test_linear_schedule_is_bit_exact_with_the_ldm_buffers(acp64):
     sd = case_state_dict("sd1")
     betas = schedules.make_beta_schedule("linear", 1000, **SD_LINEAR)
     assert betas.dtype == np.float64
-    assert torch.equal(torch.tensor(betas, dtype=torch.float32), sd["betas"])
-    assert torch.equal(torch.tensor(acp64, dtype=torch.float32), sd["alphas_cumprod"])
+    assert_matches_recorded(torch.tensor(betas, dtype=torch.float32), sd["betas"], IEEE_EXACT)
+    assert_matches_recorded(torch.tensor(acp64, dtype=torch.float32), sd["alphas_cumprod"], IEEE_EXACT)
     # "linear" in ldm is sqrt-linspace squared, not a plain linspace
     assert betas[0] == pytest.approx(0.00085) and betas[-1] == pytest.approx(0.012)
     assert betas[500] != pytest.approx((0.00085 + 0.012) / 2, rel=1e-3)
@@ -38,9 +41,9 @@ def test_linear_schedule_is_bit_exact_with_the_ldm_buffers(acp64):
 def test_squaredcos_schedule_is_bit_exact_with_the_unclip_noise_augmentor():
     sd = case_state_dict("unclip-l")
     betas = schedules.make_beta_schedule("squaredcos_cap_v2", 1000)
-    assert torch.equal(torch.tensor(betas, dtype=torch.float32), sd["noise_augmentor.betas"])
+    assert_matches_recorded(torch.tensor(betas, dtype=torch.float32), sd["noise_augmentor.betas"], IEEE_EXACT)
     acp = schedules.alphas_cumprod_from_betas(betas)
-    assert torch.equal(torch.tensor(acp, dtype=torch.float32), sd["noise_augmentor.alphas_cumprod"])
+    assert_matches_recorded(torch.tensor(acp, dtype=torch.float32), sd["noise_augmentor.alphas_cumprod"], IEEE_EXACT)
 
 
 def test_other_schedules_and_errors():
@@ -74,11 +77,11 @@ def test_ddim_grid_equals_golden_timesteps_and_alphas():
     d = case_data("sd1")
     for steps, key in ((10, "ddim10"), (7, "ddim7")):
         t = schedules.ddim_timesteps(steps)
-        assert torch.equal(torch.as_tensor(t), d[f"{key}.timesteps"])
+        assert_matches_recorded(torch.as_tensor(t), d[f"{key}.timesteps"], IEEE_EXACT)
     t = schedules.ddim_timesteps(10)
     alphas, alphas_prev = schedules.ddim_alphas(d["alphas_cumprod"], t)
-    assert torch.equal(alphas, d["ddim10.alphas"])
-    assert torch.equal(alphas_prev, d["ddim10.alphas_prev"])
+    assert_matches_recorded(alphas, d["ddim10.alphas"], IEEE_EXACT)
+    assert_matches_recorded(alphas_prev, d["ddim10.alphas_prev"], IEEE_EXACT)
     assert float(alphas_prev[0]) == pytest.approx(0.99915)  # the last step goes to alphabar[0], not 1
     # the sigma grid is those alphas, reversed, plus the final alpha
     sig = schedules.ddim_sigmas(d["alphas_cumprod"], 10).double()
@@ -87,17 +90,32 @@ def test_ddim_grid_equals_golden_timesteps_and_alphas():
     assert len(schedules.ddim_sigmas(d["alphas_cumprod"], 7)) == 9
 
 
+def original_sgm_sigmas(indices=None) -> torch.Tensor:
+    """generative-models ``LegacyDDPMDiscretization.get_sigmas`` written out (sgm/modules/diffusionmodules/
+    discretizer.py with ``make_beta_schedule("linear")``): a torch float64 linspace squared, numpy's cumprod, the
+    ratio in float64, a float32 tensor, ``** 0.5`` in float32. Run here, its last bit is this CPU's."""
+    betas = (torch.linspace(0.00085**0.5, 0.0120**0.5, 1000, dtype=torch.float64) ** 2).numpy()
+    alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
+    if indices is not None:
+        alphas_cumprod = alphas_cumprod[np.asarray(indices)]
+    return torch.tensor((1 - alphas_cumprod) / alphas_cumprod, dtype=torch.float32) ** 0.5
+
+
 @pytest.mark.parametrize("case,legacy", [("sdxl-base", False), ("sdxl-refiner", False), ("sdxl-base-081e0d4", True)])
 def test_sgm_discretization_is_bit_exact(case, legacy):
+    """Bit for bit against the original's operations on this CPU; within SGM_SIGMAS of the golden buffers."""
     d = case_data(case)
     disc = schedules.LegacyDDPMDiscretization(legacy_range=legacy)
     table = disc(1000, do_append_zero=False, flip=True)
-    assert torch.equal(table, d["denoiser.sigmas_table"])
-    assert torch.equal(table, case_state_dict(case)["denoiser.sigmas"])
-    assert torch.equal(disc(10), d["euler10.sigmas"])
-    assert torch.equal(torch.as_tensor(disc.timesteps(10)[::-1].copy()), d["euler10.timesteps"])
+    assert torch.equal(table, original_sgm_sigmas())
+    assert_matches_recorded(table, d["denoiser.sigmas_table"], SGM_SIGMAS, "sigma table")
+    assert_matches_recorded(table, case_state_dict(case)["denoiser.sigmas"], SGM_SIGMAS, "denoiser.sigmas buffer")
+    timesteps = disc.timesteps(10)
+    assert_matches_recorded(torch.as_tensor(timesteps[::-1].copy()), d["euler10.timesteps"], IEEE_EXACT)
     grid = "sgm_legacy" if legacy else "sgm"
-    assert torch.equal(grids.grid_sigmas(grid, disc.alphas_cumprod, 10), d["euler10.sigmas"])
+    for sigmas in (disc(10), grids.grid_sigmas(grid, disc.alphas_cumprod, 10)):
+        assert torch.equal(sigmas, torch.cat([original_sgm_sigmas(timesteps).flip(0), torch.zeros(1)]))
+        assert_matches_recorded(sigmas, d["euler10.sigmas"], SGM_SIGMAS, "10-step grid")
 
 
 def test_sgm_discretization_spacings(acp64):

@@ -18,11 +18,14 @@ from ldm.models.diffusion.engine import DiffusionEngine, MicroConditioning
 from ldm.sampling.guidance import CFGDenoiser
 from ldm.defaults import FAMILY_DEFAULTS
 from ldm.sampling.grids import grid_sigmas
-from tests.golden import sample
-from tests.golden import case_config, case_data, case_state_dict
+from tests.golden import case_config, case_data, case_state_dict, fourier_tolerance, sample
+from tests.tolerance import IEEE_EXACT, SGM_SIGMAS, Tolerance, assert_matches_recorded
 
 TINY = {"sdxl-base": "configs/tests/sdxl-base-tiny.yaml", "sdxl-refiner": "configs/tests/sdxl-refiner-tiny.yaml"}
-RTOL = 1e-5
+#: a tiny SGM UNet in float32 (one call, or ten Euler steps with CFG 5): matmul / convolution sums blocked per CPU
+#: differ by a few ulps per operation; measured at most 4.7e-7 of the output's largest value (AMX CPU and AMD
+#: EPYC AVX2 alike), bound 1e-5. A wrong scaling, timestep or sigma grid is off by 1e-2 or more.
+NETWORK = Tolerance(why="tiny float32 UNet (+ 10 Euler steps): kernel summation order per CPU", rel_max=1e-5)
 
 
 def golden_engine_config(case: str):
@@ -60,18 +63,13 @@ def cond_dicts(data):
     return cond, uncond
 
 
-def rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
 def test_engine_from_reference_yaml_has_the_golden_layout(golden):
     case, engine, data = golden
     assert isinstance(engine, DiffusionEngine)
     assert engine.scale_factor == 0.13025
     assert engine.disable_first_stage_autocast is True
     assert engine.parameterization == "eps"
-    assert torch.equal(engine.denoiser.sigmas, data["denoiser.sigmas_table"])
+    assert_matches_recorded(engine.denoiser.sigmas, data["denoiser.sigmas_table"], SGM_SIGMAS)
     assert engine.is_refiner == (case == "sdxl-refiner")
 
 
@@ -87,38 +85,38 @@ def test_tiny_test_config_loads_the_golden_weights_strictly(case):
 def test_apply_model_equals_golden_unet(golden):
     _, engine, data = golden
     out = engine.apply_model(data["unet.x"], data["unet.t"], {"crossattn": data["unet.context"], "vector": data["unet.y"]})
-    rel_close(out, data["unet.out"])
+    assert_matches_recorded(out, data["unet.out"], NETWORK)
 
 
 def test_denoiser_equals_golden(golden):
     _, engine, data = golden
     cond = {"crossattn": data["unet.context"], "vector": data["unet.y"]}
     out = engine.make_denoiser()(data["unet.x"], data["denoiser.sigma"], cond)
-    rel_close(out, data["denoiser.out"])
+    assert_matches_recorded(out, data["denoiser.out"], NETWORK)
 
 
 def test_euler10_grid_and_result_equal_golden(golden):
     case, engine, data = golden
     grid = "sgm_legacy" if case.endswith("081e0d4") else "sgm"
     sigmas = grid_sigmas(grid, engine.alphas_cumprod, 10)
-    assert torch.equal(sigmas, data["euler10.sigmas"])
+    assert_matches_recorded(sigmas, data["euler10.sigmas"], SGM_SIGMAS)
     table = engine.denoiser.sigmas
     idx = (sigmas[:-1, None] - table[None, :]).abs().argmin(dim=1)
-    assert torch.equal(idx, data["euler10.timesteps"])
+    assert_matches_recorded(idx, data["euler10.timesteps"], IEEE_EXACT)
     cond, uncond = cond_dicts(data)
     guider = CFGDenoiser(engine.make_denoiser(), 5.0)
     out = sample("euler", guider, data["x_T"], sigmas, extra_args={"cond": {"cond": cond, "uncond": uncond}})
-    rel_close(out, data["euler10.out"])
+    assert_matches_recorded(out, data["euler10.out"], NETWORK)
 
 
 def test_the_other_grid_gives_a_different_result():
     data = case_data("sdxl-base")
     engine = golden_engine("sdxl-base")
     legacy = case_data("sdxl-base-081e0d4")["euler10.sigmas"]
-    assert torch.equal(grid_sigmas("sgm_legacy", engine.alphas_cumprod, 10), legacy)
-    assert not torch.equal(grid_sigmas("sgm", engine.alphas_cumprod, 10), legacy)
+    assert_matches_recorded(grid_sigmas("sgm_legacy", engine.alphas_cumprod, 10), legacy, SGM_SIGMAS)
+    assert (grid_sigmas("sgm", engine.alphas_cumprod, 10)[1:-1] / legacy[1:-1] - 1).abs().min() > 1e-3
     assert FAMILY_DEFAULTS["txt2img"]["sdxl"]["grid"] == "sgm"  # the documented default
-    assert grid_sigmas("sgm", engine.alphas_cumprod, 10)[0] == data["euler10.sigmas"][0]
+    assert_matches_recorded(grid_sigmas("sgm", engine.alphas_cumprod, 10), data["euler10.sigmas"], SGM_SIGMAS)
 
 
 def test_base_conditioning_vector_fourier_and_zero_uncond():
@@ -126,11 +124,11 @@ def test_base_conditioning_vector_fourier_and_zero_uncond():
     micro = MicroConditioning(original_size=(1024, 768), crop_coords=(0, 0), target_size=(1024, 768))
     cond, uncond = engine.get_cond_uncond(["a lighthouse at dusk"], [""], micro)
     assert cond["crossattn"].shape == (1, 77, 64) and cond["vector"].shape == (1, 1552)
-    torch.testing.assert_close(cond["vector"][:, 16:], data["vector_fourier"], rtol=0, atol=0)
+    assert_matches_recorded(cond["vector"][:, 16:], data["vector_fourier"], fourier_tolerance(data, "vector_fourier"))
     # SGM base: force_uc_zero_embeddings=["txt"] zeroes the context and the pooled part, not the sizes
     assert torch.count_nonzero(uncond["crossattn"]) == 0
     assert torch.count_nonzero(uncond["vector"][:, :16]) == 0
-    torch.testing.assert_close(uncond["vector"][:, 16:], data["vector_fourier"], rtol=0, atol=0)
+    assert torch.equal(uncond["vector"][:, 16:], cond["vector"][:, 16:])
     assert torch.count_nonzero(cond["vector"][:, :16]) == 16
 
 
@@ -140,8 +138,8 @@ def test_refiner_conditioning_aesthetic_scores_and_encoded_negative():
                               negative_aesthetic_score=2.5)
     cond, uncond = engine.get_cond_uncond(["a lighthouse at dusk"], [""], micro)
     assert cond["crossattn"].shape == (1, 77, 32) and cond["vector"].shape == (1, 1296)
-    torch.testing.assert_close(cond["vector"][:, 16:], data["vector_fourier.aes6"], rtol=0, atol=0)
-    torch.testing.assert_close(uncond["vector"][:, 16:], data["vector_fourier.aes2_5"], rtol=0, atol=0)
+    for vector, name in ((cond["vector"], "vector_fourier.aes6"), (uncond["vector"], "vector_fourier.aes2_5")):
+        assert_matches_recorded(vector[:, 16:], data[name], fourier_tolerance(data, name), name)
     # the refiner encodes the (empty) negative prompt: equal to the conditional encoding of ""
     empty, _ = engine.get_cond_uncond([""], [""], micro)
     torch.testing.assert_close(uncond["crossattn"], empty["crossattn"], rtol=0, atol=0)

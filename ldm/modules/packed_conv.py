@@ -29,9 +29,17 @@ def packing_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def bf16_packing_available() -> bool:
+    """Whether oneDNN packs bfloat16 weights on this CPU: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT;
+    on an AVX2-only CPU a bf16 reorder raises, so bf16 convolutions there stay eager."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return packing_available() and check is not None and bool(check())
+
+
 class PackedConv2d(nn.Conv2d):
     """``nn.Conv2d`` that runs on CPU with a packed weight (see the module docstring); any other call (CUDA,
-    padding modes other than zeros, float16, ...) is the eager convolution."""
+    padding modes other than zeros, float16, bfloat16 on a CPU without oneDNN's bf16 path, ...) is the eager
+    convolution."""
 
     _packed: Optional[torch.Tensor] = None
     _packed_from: Any = None  # weak reference to the Parameter object the packed weight was made from
@@ -57,7 +65,9 @@ class PackedConv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype("cpu")
         elif x.dtype != dtype:
             return None  # eager raises its dtype error
-        return dtype if dtype in (torch.float32, torch.bfloat16) else None
+        if dtype == torch.bfloat16:
+            return dtype if bf16_packing_available() else None
+        return dtype if dtype == torch.float32 else None
 
     def _is_packed_for(self, dtype: torch.dtype) -> bool:
         return (self._packed is not None and self._packed.dtype == dtype and self._packed_from is not None
@@ -130,4 +140,4 @@ def unpack_convolutions(module: nn.Module) -> None:
             child.unpack()
 
 
-__all__ = ["PackedConv2d", "pack_convolutions", "unpack_convolutions", "packing_available"]
+__all__ = ["PackedConv2d", "bf16_packing_available", "pack_convolutions", "unpack_convolutions", "packing_available"]
