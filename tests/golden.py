@@ -103,3 +103,15 @@ def fourier_tolerance(data: dict[str, torch.Tensor], name: str):
 
     numbers = torch.cat([data[k].reshape(len(data[k]), -1) for k in FOURIER_INPUTS[name]], 1)
     return sinusoid_tolerance(numbers, 256)
+
+
+def adm_tolerance(level: int, width: int = 16):
+    """The cross-CPU tolerance of the golden unCLIP ADM vector ``[augmented embedding | level embedding]`` (README
+    3a): the augmentation is a few float32 operations per value (1e-6 relative and absolute); the level embedding is
+    sinusoidal (:func:`tests.tolerance.sinusoid_tolerance` of the level, on top of the same 1e-6)."""
+    from tests.tolerance import Tolerance, sinusoid_tolerance
+
+    level_bound = sinusoid_tolerance(torch.tensor([[float(level)]]), width).abs
+    bound = torch.cat([torch.zeros(1, width, dtype=torch.float64), level_bound], 1) + 1e-6
+    return Tolerance(why="float32 noise augmentation, and a level embedding whose arguments carry the CPU's exp "
+                         "rounding", abs=bound, rel=1e-6)

@@ -1,4 +1,9 @@
-"""The golden weight regeneration reproduces the reference state_dicts bit for bit."""
+"""The golden weight regeneration reproduces the reference state_dicts bit for bit.
+
+A comparison with data made on another CPU that stays exact: the weights are ``torch.randn`` draws from a seeded
+CPU generator (Mersenne Twister and Box-Muller in torch's normal kernel, the same code path on every x86-64 CPU
+with AVX2) and stored buffers; no floating-point reduction whose order a CPU could change is involved.
+"""
 
 import pytest
 

@@ -12,9 +12,9 @@ import torch
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
 from tests.golden import case_config, case_data, case_state_dict, sub_state_dict
+from tests.tolerance import NETWORK_FLOAT32, assert_matches_recorded
 
-# Max |error| reached here (CPU, float32): ~1e-7 absolute on outputs of magnitude ~0.1 (relative ~1e-6).
-RTOL, ATOL = 1e-5, 1e-6
+# Max |error| reached (CPU, float32): ~1e-7 absolute on outputs of magnitude ~0.1 (relative ~1e-6).
 
 
 def _unet_config(case: str):
@@ -42,7 +42,7 @@ def test_unet_matches_reference(case: str) -> None:
     data = case_data(case)
     with torch.no_grad():
         out = unet(data["unet.x"], data["unet.t"], **_inputs(case))
-    torch.testing.assert_close(out, data["unet.out"], rtol=RTOL, atol=ATOL)
+    assert_matches_recorded(out, data["unet.out"], NETWORK_FLOAT32, case)
 
 
 def test_unet_output_depends_on_every_input() -> None:
