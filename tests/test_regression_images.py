@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from tests.regression_images import CASES, RECORDED, platform_key, recorded, run_case
-from tests.test_inference import BF16_TOLERANCE_LEVELS
 from tests.tolerance import ImageTolerance, assert_images_match_recorded
 
 SAME_PLATFORM = json.loads((RECORDED / "platform.json").read_text()) == platform_key()
@@ -31,12 +30,14 @@ FLOAT32 = ImageTolerance(why="float32 kernels of another CPU: 1 level where a va
 #: Measured on demo-sld-max-plms ("max": threshold 1.0, guidance 5000): 2 levels at most, 2.2 % of the values.
 SLD_THRESHOLD = ImageTolerance(why="SLD's per-element threshold turns last-bit differences into whole-step ones",
                                max_levels=2, fraction=0.05)
-#: bf16 runs: each CPU's bf16 image is within BF16_TOLERANCE_LEVELS (mean) of its float32 one
-#: (tests/test_inference.py), and the float32 images agree to 1 level, so two CPUs' bf16 images lie within twice
-#: that plus 1 in the mean. Measured: 7.05 levels mean (eager bf16 convolutions on an AVX2 CPU against oneDNN's AMX
-#: kernels); the recording CPU itself reproduces the image bit for bit.
-BF16 = ImageTolerance(why="bf16 steps: each CPU's bf16 image is within the bf16-vs-float32 bound of its float32 one",
-                      mean_levels=2 * BF16_TOLERANCE_LEVELS["sd1-tiny"] + 1)
+#: bf16 runs: on its tiny random weights this case's bf16 image lies a mean of 5.9 levels from its float32 image on
+#: every CPU measured (5.86 on the AMX recording CPU, 5.87 on AMD EPYC AVX2, where bf16 convolutions run eagerly),
+#: and the float32 images agree to 1 level, so two CPUs' bf16 images lie within 2 x 5.9 + 1 = 13 levels in the
+#: mean. Measured: 7.05. This is a coarse check (it catches a wrong seed, 84 levels, or swapped guidance branches,
+#: 45, not a timestep off by one, 8): the float32 cases catch those, and tests/test_inference.py holds bf16 to
+#: float32 on the machine itself; the recording CPU compares this image bit for bit.
+BF16 = ImageTolerance(why="bf16 steps: each CPU's bf16 image lies ~5.9 levels (mean) from its float32 one",
+                      mean_levels=13)
 ELSEWHERE = {"demo-sld-max-plms": SLD_THRESHOLD, "sd1-bf16": BF16}
 
 
