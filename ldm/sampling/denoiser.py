@@ -6,7 +6,8 @@ conditioning dict handed to the network, and the result the denoised estimate of
 
     D(x, sigma) = c_skip(sigma) * x + c_out(sigma) * net(c_in(sigma) * x, t(sigma), cond)
 
-The scalings (:class:`EpsScaling`, :class:`VScaling`, :class:`EDMScaling`) encode the parameterization; the
+The scalings (:class:`EpsScaling`, :class:`VScaling`, :class:`EDMScaling`, :class:`X0Scaling`) encode the
+parameterization; the
 time mode encodes what the network is told about the noise level, which is where the originals differ:
 
 - ``"integer"``: sigma must lie on the training table; the network gets that integer t (CompVis DDIM/PLMS).
@@ -88,15 +89,28 @@ class EDMScaling:
         return c_skip, c_out, c_in, 0.25 * sigma.log()
 
 
-def make_scaling(parameterization: str) -> EpsScaling | VScaling | EDMScaling:
-    """Scaling object for ``"eps"``, ``"v"`` or ``"edm"``."""
+class X0Scaling:
+    """x0-prediction (the network predicts the clean sample, e.g. Karlo's prior, ``predict_xstart``): c_skip 0,
+    c_out 1, c_in 1/sqrt(sigma^2 + 1), so D = net(x_t) with x_t the VP variable."""
+
+    parameterization = "x0"
+
+    def __call__(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        c_in = 1 / (sigma**2 + 1.0) ** 0.5
+        return torch.zeros_like(sigma), torch.ones_like(sigma), c_in, sigma.clone()
+
+
+def make_scaling(parameterization: str) -> EpsScaling | VScaling | EDMScaling | X0Scaling:
+    """Scaling object for ``"eps"``, ``"v"``, ``"edm"`` or ``"x0"``."""
     if parameterization == "eps":
         return EpsScaling()
     if parameterization == "v":
         return VScaling()
     if parameterization == "edm":
         return EDMScaling()
-    raise SdgenError(f"unknown parameterization {parameterization!r} (eps, v, edm)")
+    if parameterization == "x0":
+        return X0Scaling()
+    raise SdgenError(f"unknown parameterization {parameterization!r} (eps, v, edm, x0)")
 
 
 class Denoiser:
