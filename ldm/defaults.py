@@ -7,7 +7,8 @@ and the README's flag tables are generated from these tables (:func:`describe`),
 
 Sources: CompVis ``scripts/txt2img.py`` / ``scripts/img2img.py`` (SD), the SGM demo ``scripts/demo/
 streamlit_helpers.py`` (SDXL: EulerEDM, 50 steps, scale 5.0, 1024 x 1024, aesthetic scores 6.0 / 2.5), the SAI2
-streamlit unCLIP demo (20 DDIM steps, scale 10, 768 x 768), the SDXL model card (the base takes the noisiest 80 %
+streamlit unCLIP demo (20 DDIM steps, scale 10, 768 x 768, 2 x 2 samples, noise level 0; with the Karlo prior its
+``template.py`` "default" sampling: 25 prior steps, prior guidance 4.0), the SDXL model card (the base takes the noisiest 80 %
 of the timesteps) and the SGM 0.9 demo's refinement strength 0.3.
 """
 
@@ -39,24 +40,26 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _SD_TXT2IMG = {"sampler": "ddim", "steps": 50, "scale": 7.5, "height": 512, "width": 512, "n_iter": 2}
+_UNCLIP = {"sampler": "ddim", "steps": 20, "scale": 10.0, "height": 768, "width": 768, "n_samples": 2, "n_iter": 2,
+           "noise_level": 0}
 _SDXL = {"sampler": "euler", "steps": 50, "scale": 5.0, "height": 1024, "width": 1024, "grid": "sgm",
          "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
 
 #: The sampling defaults of a command on a model family (img2img takes its size from the init image).
 FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "txt2img": {"sd": _SD_TXT2IMG, "sdxl": {**_SDXL, "n_iter": 2}},
+    "txt2img": {"sd": _SD_TXT2IMG, "sdxl": {**_SDXL, "n_iter": 2},
+                "unclip": {**_UNCLIP, "prior_steps": 25, "prior_scale": 4.0}},
     "img2img": {"sd": {"sampler": "ddim", "steps": 50, "scale": 5.0, "n_iter": 1},
                 "sdxl": {**{k: v for k, v in _SDXL.items() if k not in ("height", "width")}, "n_iter": 1}},
     "safe-txt2img": {"sd": _SD_TXT2IMG, "sdxl": {**_SDXL, "n_iter": 2}},
-    "unclip-variate": {"sd": {"sampler": "ddim", "steps": 20, "scale": 10.0, "height": 768, "width": 768,
-                              "n_iter": 2}},
+    "unclip-variate": {"unclip": {k: v for k, v in _UNCLIP.items() if k != "noise_level"}},
     "sdxl-refine": {"sdxl": {**_SDXL, "n_iter": 1}},
 }
 
 #: The fields a model config's ``sampling_defaults`` may set.
 CONFIG_FIELDS = ("sampler", "steps", "scale", "height", "width", "n_iter", "grid")
 
-FAMILY_NAMES = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL", "unclip": "unCLIP-L + Karlo prior"}
 
 
 def config_sampling_defaults(config: Any) -> dict[str, Any]:
@@ -110,15 +113,13 @@ def describe(command: str, field: str) -> Optional[str]:
     ``"512; 1024 for SDXL; 64 for the demo model"``; None when the command has no default for it."""
     rows = FAMILY_DEFAULTS[command]
     values = [(family, rows[family][field]) for family in rows if field in rows[family]]
-    if values:
-        text = _fmt(values[0][1])
-        text += "".join(f"; {_fmt(v)} for {FAMILY_NAMES[f]}" for f, v in values[1:] if v != values[0][1])
-        base = values[0][1]
-    elif field in COMMAND_DEFAULTS[command]:
+    if field in COMMAND_DEFAULTS[command]:  # the command's value, and the families that set another
         base = COMMAND_DEFAULTS[command][field]
-        text = _fmt(base)
+    elif values:
+        base = values[0][1]
     else:
         return None
+    text = _fmt(base) + "".join(f"; {_fmt(v)} for {FAMILY_NAMES[f]}" for f, v in values if v != base)
     if command in DEMO_COMMANDS:
         demo = defaults_for(command, "sd", {"sampling_defaults": demo_defaults()}).get(field)
         if demo is not None and demo != base:

@@ -147,8 +147,8 @@ def model_kind(config: Any) -> str:
 
 
 def family_of(kind: str) -> str:
-    """The defaults family of a model kind (:mod:`ldm.defaults`): unCLIP takes the SD rows."""
-    return "sdxl" if kind == "sdxl" else "sd"
+    """The defaults family of a model kind (:mod:`ldm.defaults`): "sd", "sdxl" or "unclip"."""
+    return kind if kind in ("sdxl", "unclip") else "sd"
 
 
 def _params(config: Any) -> Mapping[str, Any]:

@@ -21,6 +21,7 @@ EXPECTATIONS = {
     "checkpoint_sha256": "the checkpoint differs from the one the manifest recorded (sha256 mismatch)",
     "refiner_checkpoint_sha256": "the refiner checkpoint differs from the one the manifest recorded (sha256 mismatch)",
     "init_image_sha256": "the init image differs from the one the manifest recorded (sha256 mismatch)",
+    "prior_sha256": "the Karlo prior differs from the one the manifest recorded (sha256 mismatch)",
 }
 
 
@@ -75,6 +76,12 @@ def check_options(opts: GenerateOptions) -> None:
         parse_pair(FLAGS[name], getattr(opts, name))
     if opts.strength is not None and not 0.0 < opts.strength <= 1.0:
         raise SdgenError(f"--strength must be in (0, 1], got {opts.strength}")
+    if opts.prior_steps is not None and not 1 <= opts.prior_steps <= 1000:
+        raise SdgenError(f"--prior-steps must be in 1..1000 (the prior's 1000-step process), got {opts.prior_steps}")
+    if opts.prior_scale is not None and not opts.prior_scale > 0:
+        raise SdgenError(f"--prior-scale must be above 0 (1: no guidance), got {opts.prior_scale}")
+    if opts.noise_level is not None and not 0 <= opts.noise_level <= 999:
+        raise SdgenError(f"--noise-level must be in 0..999, got {opts.noise_level}")
     if (opts.s_churn or 0) < 0 or (opts.s_noise or 0) < 0:
         raise SdgenError("--s-churn and --s-noise must be >= 0")
     if opts.devices is not None and opts.devices < 1:

@@ -21,11 +21,11 @@ from ldm.generation.request import ImageJob, Settings
 #: What ``--sweep FIELD=V1,V2,...`` may vary.
 SWEEP_FIELDS = ("steps", "scale", "sampler", "seed", "eta", "strength", "negative_prompt", "height", "width",
                 "noise_level", "sld_guidance_scale", "sld_warmup_steps", "sld_threshold", "sld_momentum_scale",
-                "sld_momentum_beta", "clip_skip", "schedule")
+                "sld_momentum_beta", "clip_skip", "schedule", "prior_steps", "prior_scale")
 SWEEP_LABELS = {"steps": "Steps", "scale": "CFG scale", "sampler": "Sampler", "seed": "Seed", "eta": "Eta",
                 "strength": "Denoising strength", "negative_prompt": "Negative prompt", "height": "Height",
                 "width": "Width", "noise_level": "Noise level", "clip_skip": "Clip skip",
-                "schedule": "Schedule type"}
+                "schedule": "Schedule type", "prior_steps": "Prior steps", "prior_scale": "Prior scale"}
 
 
 @dataclass(frozen=True)

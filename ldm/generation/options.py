@@ -43,6 +43,9 @@ class GenerateOptions:
             (sizes as "H,W" / "TOP,LEFT" strings).
         s_churn, s_tmin, s_tmax, s_noise: Euler / Heun churn.
         noise_level, clip_stats, embedder_ckpt: unCLIP.
+        prior, prior_config, prior_clip, prior_steps, prior_scale: ``txt2img`` with an unCLIP-L checkpoint: the Karlo
+            prior's file and config, a CLIP text tower for it when the checkpoint lacks one, its steps and guidance
+            scale (:mod:`ldm.models.prior`).
         sld: Safe Latent Diffusion settings (:func:`ldm.sld_config.options_record`), None for plain CFG.
         prompt_syntax: "a1111" (weights, BREAK, long prompts, LoRA tags) or "original" (the scripts' text, cut at
             77 tokens); ``clip_skip`` A1111's clip skip (1: the encoders' usual layer).
@@ -104,6 +107,11 @@ class GenerateOptions:
     noise_level: Optional[int] = None
     clip_stats: Optional[str] = None
     embedder_ckpt: Optional[str] = None
+    prior: Optional[str] = None
+    prior_config: Optional[str] = None
+    prior_clip: Optional[str] = None
+    prior_steps: Optional[int] = None
+    prior_scale: Optional[float] = None
     sld: Optional[dict[str, Any]] = None
     prompt_syntax: str = "a1111"
     clip_skip: int = 1

@@ -89,6 +89,7 @@ class RunPlan:
     device: torch.device
     sweeps: list[Sweep] = dataclasses.field(default_factory=list)
     adapters: Adapters = dataclasses.field(default_factory=Adapters)
+    prior: Any = None  # the Karlo prior of unCLIP-L text-to-image (ldm.models.prior.files.PriorSpec), else None
 
     @property
     def settings(self) -> Settings:
@@ -118,8 +119,10 @@ class RunPlan:
                                         for spec in self.models)
 
     def models_sha256(self) -> list[str]:
-        """The checkpoints' sha256 and the adapter files' (with LoRA weights): what decides the pixels."""
-        return [spec.sha256 for spec in self.models] + self.adapters.sha256()
+        """The checkpoints' sha256 (the prior's too) and the adapter files' (with LoRA weights): what decides the
+        pixels."""
+        prior = [self.prior.sha256] if self.prior is not None else []
+        return [spec.sha256 for spec in self.models] + prior + self.adapters.sha256()
 
 
 # ----------------------------------------------------------------------------- prompts and models
@@ -228,8 +231,20 @@ def resolve_defaults(opts: GenerateOptions, spec: ModelSpec) -> GenerateOptions:
     return replace(opts, **{k: v for k, v in defaults.items() if k in names and getattr(opts, k) is None})
 
 
+def uses_prior(opts: GenerateOptions, specs: list[ModelSpec]) -> bool:
+    """Whether the run is unCLIP-L text-to-image: ``txt2img`` with an unCLIP checkpoint (the Karlo prior)."""
+    return opts.command == "txt2img" and specs[0].kind == "unclip"
+
+
+PRIOR_FLAGS = {"prior": "--prior", "prior_config": "--prior-config", "prior_clip": "--prior-clip",
+               "prior_steps": "--prior-steps", "prior_scale": "--prior-scale"}
+
+
 def check_family(opts: GenerateOptions, specs: list[ModelSpec]) -> None:
-    """The SDXL options only for SDXL models (raises SdgenError)."""
+    """The SDXL options only for SDXL models, the prior's only for unCLIP text-to-image (raises SdgenError)."""
+    given = [flag for name, flag in PRIOR_FLAGS.items() if getattr(opts, name, None) is not None]
+    if given and not uses_prior(opts, specs):
+        raise SdgenError(f"{', '.join(given)} apply to txt2img with an unCLIP-L checkpoint (the Karlo prior) only")
     if any(spec.kind == "sdxl" for spec in specs):
         return
     given = [FLAGS[name] for name in SDXL_FIELDS if getattr(opts, name) is not None]
@@ -303,6 +318,7 @@ def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int
         crop_coords=parse_pair(FLAGS["crop_coords"], opts.crop_coords),
         target_size=parse_pair(FLAGS["target_size"], opts.target_size),
         sld=opts.sld, prompt_syntax=opts.prompt_syntax, clip_skip=opts.clip_skip,
+        **({"prior_steps": opts.prior_steps, "prior_scale": opts.prior_scale} if uses_prior(opts, specs) else {}),
         **{k: getattr(opts, k) for k in ("aesthetic_score", "negative_aesthetic_score") if getattr(opts, k) is not None},
     )
 
@@ -391,6 +407,12 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
             images.read(path, where)
     specs = plan_models(opts)
     check_family(opts, specs)
+    prior = None
+    if uses_prior(opts, specs):
+        from ldm.model_files import checkpoint_shapes
+        from ldm.models.prior.files import plan_prior
+
+        prior = plan_prior(opts, specs[0].config, checkpoint_shapes(specs[0].files.checkpoint))
     opts = resolve_defaults(opts, specs[0])
     factors = [check_geometry(spec.config, opts) for spec in specs]
     multiple = max(latent_size_multiple(spec.config) for spec in specs)
@@ -419,10 +441,11 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
     found = {"checkpoint_sha256": specs[0].sha256,
              "refiner_checkpoint_sha256": specs[-1].sha256 if specs[-1].role == "refiner" else None,
              "init_image_sha256": ([i.sha256 for i in inits] if opts.command == "unclip-variate"
-                                   else (inits[0].sha256 if inits else None))}
+                                   else (inits[0].sha256 if inits else None)),
+             "prior_sha256": prior.sha256 if prior is not None else None}
     check_expectations({k: v for k, v in (expect or {}).items() if k != "adapters"}, found)
     check_adapter_hashes((expect or {}).get("adapters"), adapters.record())
-    return RunPlan(opts, specs, groups, batches, entries, inits, out, device, sweeps, adapters)
+    return RunPlan(opts, specs, groups, batches, entries, inits, out, device, sweeps, adapters, prior)
 
 
 def run_prompts(opts: GenerateOptions, entries: list[PromptEntry]) -> list[tuple[tuple[str, ...], str]]:

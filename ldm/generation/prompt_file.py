@@ -52,12 +52,13 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "eta": _float, "height": _int, "width": _int, "n_samples": _int, "strength": _float, "init_img": _text,
     "sld": _text, "sld_guidance_scale": _float, "sld_warmup_steps": _int, "sld_threshold": _float,
     "sld_momentum_scale": _float, "sld_momentum_beta": _float, "safety_concept": _text, "clip_skip": _int,
-    "schedule": _text,
+    "schedule": _text, "noise_level": _int, "prior_steps": _int, "prior_scale": _float,
 }
 #: Other spellings of the fields (the flags' names).
 ALIASES = {"H": "height", "W": "width", "negative-prompt": "negative_prompt", "ddim_steps": "steps",
            "n-samples": "n_samples", "init-img": "init_img", "ddim_eta": "eta",
-           "clip-skip": "clip_skip"}
+           "clip-skip": "clip_skip", "noise-level": "noise_level", "prior-steps": "prior_steps",
+           "prior-scale": "prior_scale"}
 SLD_FIELDS = ("sld", "sld_guidance_scale", "sld_warmup_steps", "sld_threshold", "sld_momentum_scale",
               "sld_momentum_beta", "safety_concept")
 

@@ -94,6 +94,15 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
     }
     if len(plan.models) > 1 or main.role == "refiner":
         header["refiner"] = model_record(plan.models[-1])
+    if plan.prior is not None:
+        prior = plan.prior
+        header["prior"] = {"checkpoint": str(prior.checkpoint), "checkpoint_sha256": prior.sha256,
+                           "config": str(prior.config_path),
+                           "clip": str(prior.clip) if prior.clip else None,
+                           "clip_sha256": file_sha256(prior.clip) if prior.clip else None,
+                           "clip_stats": str(prior.stats) if prior.stats else None,
+                           "clip_stats_sha256": file_sha256(prior.stats) if prior.stats else None}
+        header["noise_level"] = plan.settings.noise_level
     if plan.conditioning_images:
         header["init_images"] = [{"path": str(i.path.resolve()), "sha256": i.sha256} for i in plan.init_images]
         header["init_image_of"] = [job.init_image for batch in plan.batches for job in batch]
@@ -138,7 +147,10 @@ def png_settings(plan: RunPlan, settings: Settings, stages: Sequence[Stage],
         "Denoising strength": settings.strength,
         "Schedule type": SCHEDULE_LABELS.get(settings.schedule),
         "Eta DDIM": settings.eta if settings.sampler == "ddim" and settings.eta else None,
-        "Noise level": settings.noise_level if plan.conditioning_images else None,
+        "Noise level": settings.noise_level if plan.conditioning_images or plan.prior is not None else None,
+        "Prior": f"{plan.prior.checkpoint.stem} [{plan.prior.sha256[:10]}]" if plan.prior is not None else None,
+        "Prior steps": settings.prior_steps,
+        "Prior scale": settings.prior_scale,
         "Init image": None,
         "Timestep grid": settings.grid if micro is not None and settings.schedule == "default" else None,
         "Refiner": f"{plan.models[-1].files.checkpoint.stem} [{plan.models[-1].sha256[:10]}]" if two_stage else None,

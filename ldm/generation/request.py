@@ -38,6 +38,8 @@ class Settings:
         prompt_syntax: "a1111" (weights, BREAK, long prompts) or "original" (the scripts' text, cut at 77).
         clip_skip: A1111's clip skip (1: the text encoders' usual output layer).
         schedule: A1111's "Schedule type" (default, karras, exponential, sgm_uniform) that chose ``grid``.
+        prior_steps, prior_scale: the Karlo prior's respaced steps and guidance scale (unCLIP-L text-to-image),
+            None without a prior.
     """
 
     sampler: str
@@ -66,6 +68,8 @@ class Settings:
     prompt_syntax: str = "a1111"
     clip_skip: int = 1
     schedule: str = "default"
+    prior_steps: Optional[int] = None
+    prior_scale: Optional[float] = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

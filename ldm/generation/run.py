@@ -56,8 +56,10 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
     if spec.kind == "unclip":
         from ldm.models.diffusion.unclip import load_unclip_model
 
+        prior = plan.prior
         model = load_unclip_model(str(spec.files.config), spec.files.checkpoint, embedder_ckpt=plan.opts.embedder_ckpt,
-                                  clip_stats=plan.opts.clip_stats, device=home)
+                                  clip_stats=prior.stats if prior is not None else plan.opts.clip_stats, device=home,
+                                  text_ckpt=prior.clip if prior is not None else None)
     else:
         # SDXL loads straight into its reduced-precision dtype (half the memory); SD 1.x / 2.x load float32 and
         # convert the UNet and text encoders only (their VAE keeps float32 weights)
@@ -70,6 +72,16 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
 
         offload_model(model, plan.device)
     return model
+
+
+def load_run_prior(plan: RunPlan) -> Any:
+    """The Karlo prior of an unCLIP-L text-to-image run (bf16 weights in a bf16 run), or None."""
+    if plan.prior is None:
+        return None
+    from ldm.models.prior.files import load_prior
+
+    dtype = torch.bfloat16 if plan.opts.precision == "bf16" else None
+    return load_prior(plan.prior, device=plan.device, dtype=dtype)
 
 
 def load_stage(plan: RunPlan, k: int, sigmas: Any, settings: Settings) -> Any:
@@ -148,11 +160,17 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
         models = [(spec.role, build_model_on_meta(spec.config)) for spec in plan.models]
     else:
         models = [(spec.role, load_run_model(spec, plan)) for spec in plan.models] if todo or world.is_main else []
+    prior = load_run_prior(plan) if models else None
     triggers: list[str] = []
     for n, (_, model) in enumerate(models if not low_memory else ()):
         triggers = apply_adapters(model, plan.adapters, first=n == 0)
     # notices about the models (the manifest's "notices"), then notes on how the run was set up ("run_notes")
-    notices = [n for n in (missing_clip_stats_notice(m) for _, m in models if hasattr(m, "needs_clip_stats")) if n]
+    if plan.prior is not None:
+        from ldm.models.prior.files import missing_stats_notice
+
+        notices = [n for n in (missing_stats_notice(plan.prior),) if n]
+    else:
+        notices = [n for n in (missing_clip_stats_notice(m) for _, m in models if hasattr(m, "needs_clip_stats")) if n]
     notes = [f"config {spec.files.config.name} ({spec.config_reason})" for spec in plan.models if spec.config_reason]
     notes += plms_notices(plan, [model for _, model in models])
     hint = precision_hint(opts.precision, plan.device)
@@ -166,7 +184,7 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
 
     def stages_for(settings: Settings) -> tuple:
         if settings not in stages_of:
-            stages_of[settings] = build_stages(models, settings, conditioning, triggers)
+            stages_of[settings] = build_stages(models, settings, conditioning, triggers, prior)
         return stages_of[settings]
 
     lines: dict[Settings, dict] = {}
@@ -291,6 +309,7 @@ def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
         "refiner_checkpoint_sha256": (data.get("refiner") or {}).get("checkpoint_sha256"),
         "init_image_sha256": ([entry["sha256"] for entry in inits] if inits is not None
                               else (data.get("init_image") or {}).get("sha256")),
+        "prior_sha256": (data.get("prior") or {}).get("checkpoint_sha256"),
         "adapters": data.get("adapters"),
     }
     return opts, expect

@@ -91,12 +91,13 @@ def micro_conditioning(settings: Settings, role: str, two_stage: bool):
 
 def build_stages(
     models: Sequence[tuple[str, Any]], settings: Settings, images: Sequence[torch.Tensor] = (),
-    embeddings: Sequence[str] = (),
+    embeddings: Sequence[str] = (), prior: Any = None,
 ) -> tuple[list[Stage], Optional[torch.Tensor]]:
     """The stages of a run of the loaded ``models`` (``(role, model)`` in order) and the img2img start sigma.
 
     ``images`` are the run's init images (3, H, W) in [-1, 1], for conditioners that embed them (unCLIP);
-    ``embeddings`` the trigger words of the textual-inversion embeddings registered in the models.
+    ``embeddings`` the trigger words of the textual-inversion embeddings registered in the models; ``prior`` the
+    loaded Karlo prior of an unCLIP-L text-to-image run (a conditioning step of its conditioner).
     """
     alphas = models[0][1].alphas_cumprod
     for role, model in models[1:]:
@@ -104,18 +105,19 @@ def build_stages(
             raise SdgenError(f"the {models[0][0]} and the {role} use different noise schedules; they cannot hand over")
     run_grids = plan_grids(settings, alphas, [role for role, _ in models])
     two_stage = len(models) == 2
-    stages = [make_stage(role, model, sigmas, settings, images, embeddings, two_stage)
+    stages = [make_stage(role, model, sigmas, settings, images, embeddings, two_stage, prior)
               for (role, model), (_, sigmas) in zip(models, run_grids.stages)]
     return stages, run_grids.start_sigma
 
 
 def make_stage(role: str, model: Any, sigmas: torch.Tensor, settings: Settings, images: Sequence[torch.Tensor] = (),
-               embeddings: Sequence[str] = (), two_stage: bool = False) -> Stage:
+               embeddings: Sequence[str] = (), two_stage: bool = False, prior: Any = None) -> Stage:
     """One stage: ``model``'s denoiser and conditioner (with the stage's micro-conditioning) on ``sigmas``."""
     text = TextOptions(settings.prompt_syntax, settings.clip_skip, tuple(embeddings))
     device = getattr(model, "device", None)
     inputs = ConditioningInputs(micro=micro_conditioning(settings, role, two_stage),
-                                images=[t.to(device) for t in images], noise_level=settings.noise_level, text=text)
+                                images=[t.to(device) for t in images], noise_level=settings.noise_level, text=text,
+                                prior=prior, prior_steps=settings.prior_steps, prior_scale=settings.prior_scale)
     stage = Stage(role, model, model.make_denoiser(settings.grid), model.make_conditioner(inputs), sigmas)
     logger.info("%s: %d steps, sigma %.4f -> %.4f", role, stage.steps, float(sigmas[0]), float(sigmas[-1]))
     return stage

@@ -10,6 +10,8 @@ image); a cond dict holds the network inputs (``{"crossattn": (B, L, D), "vector
   (:meth:`ldm.models.diffusion.engine.DiffusionEngine.get_cond_uncond`).
 - :class:`ImageVariationConditioning` (Stable unCLIP): the text conditioning plus the ADM input, the job's init
   image embedding noise-augmented per image on the conditional branch and zeros on the unconditional one.
+- :class:`PriorConditioning` (Stable unCLIP-L text-to-image): the same, with the image embedding made from the
+  job's prompt by the Karlo prior (:mod:`ldm.models.prior`), from the job's own prior noise stream.
 
 ``encode(prompts, like=cond)`` gives the cond dict of a list of prompts on the conditional branch, with the
 non-text inputs of ``like`` (a batch's conditional cond dict): what a guidance method encodes its extra prompts
@@ -43,12 +45,17 @@ class ConditioningInputs:
             scripts' conditioning).
         images: init images (3, H, W) in [-1, 1] an image-variation model embeds (by the jobs' ``init_image``).
         noise_level: the unCLIP noise augmentation level of the image embeddings.
+        prior: the loaded Karlo prior (:class:`ldm.models.prior.karlo.KarloPrior`) of unCLIP-L text-to-image, with
+            its respaced ``prior_steps`` and guidance ``prior_scale``.
     """
 
     micro: Any = None
     images: Sequence[torch.Tensor] = field(default_factory=tuple)
     noise_level: int = 0
     text: Any = None
+    prior: Any = None
+    prior_steps: Optional[int] = None
+    prior_scale: Optional[float] = None
 
 
 def _chunks_of(like: Optional[Mapping[str, Any]]) -> int:
@@ -133,6 +140,12 @@ def embedding_noise_seed(seed: int) -> int:
     return (int(seed) + _EMBEDDING_STREAM) % (1 << 64)
 
 
+def prior_noise_seed(seed: int) -> int:
+    """Seed of the generator an image's Karlo prior draws its noise from (initial state, then one draw per step):
+    a third stream of the image's seed, apart from its latent's and its embedding augmentation's."""
+    return (int(seed) + 2 * _EMBEDDING_STREAM) % (1 << 64)
+
+
 class ImageVariationConditioning(TextConditioner):
     """The conditioner of an image-variation run (Stable unCLIP).
 
@@ -175,3 +188,65 @@ class ImageVariationConditioning(TextConditioner):
         if "uncond" in cond:
             cond["uncond"]["vector"] = self.model.unconditional_adm(adm)
         return cond
+
+
+class PriorConditioning(ImageVariationConditioning):
+    """The conditioner of Stable unCLIP-L text-to-image (SAI2 ``stableunclip.py`` with "Use KARLO prior"): the
+    prompt through the Karlo prior gives each image its CLIP image embedding, which is noise-augmented and fed as
+    the ADM input like an init image's; the prompt is also the decoder's cross-attention text.
+
+    Image k's prior noise comes from :func:`prior_noise_seed` of its seed, so it regenerates alone, in any batch.
+    (The original draws the prior's noise for the whole batch from one global CUDA generator and reuses the same
+    embeddings for every row of a grid; neither can be reproduced per image.)
+    """
+
+    def __init__(self, model: Any, prior: Any, steps: int, scale: float, noise_level: int,
+                 options: Any = None) -> None:
+        TextConditioner.__init__(self, model, options)
+        if not 0 <= int(noise_level) < model.max_noise_level:
+            raise SdgenError(f"noise level must be in 0..{model.max_noise_level - 1}, got {noise_level}")
+        self.noise_level = int(noise_level)
+        self.prior, self.steps, self.scale = prior, int(steps), float(scale)
+        self._prefixes: dict[str, Any] = {}
+
+    def _prefix(self, prompts: Sequence[str]) -> Any:
+        """The prior's text prefixes of ``prompts`` (each prompt's computed once per run)."""
+        from ldm.models.prior.text import encode_text, karlo_tokens
+
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prefixes]
+        if new:
+            ids, mask = karlo_tokens(new)
+            pooled, states = encode_text(self.model.embedder.model, ids)
+            device = next(self.prior.parameters()).device
+            prefix = self.prior.model.encode_text(pooled.to(device), states.to(device), mask.to(device))
+            for row, prompt in enumerate(new):
+                self._prefixes[prompt] = prefix.select(torch.tensor([row], device=device))
+        from ldm.models.prior.transformer import TextPrefix
+
+        parts = [self._prefixes[p] for p in prompts]
+        return TextPrefix(*(torch.cat([getattr(p, f) for p in parts]) for f in ("keys", "values", "visible")))
+
+    @torch.no_grad()
+    def embeddings(self, jobs: Sequence[Job]) -> torch.Tensor:
+        """The CLIP image embeddings (len(jobs), D) the prior makes from the jobs' prompts (de-normalised)."""
+        from ldm.models.prior.karlo import denormalize, sample_prior
+        from ldm.sampling.noise import BatchedNoiseSampler, initial_noise, make_generators
+
+        seeds = [prior_noise_seed(job.seed) for job in jobs]
+        generators = make_generators(seeds)
+        shape = (self.prior.clip_dim,)
+        noise = initial_noise(shape, seeds, generators=generators)
+        sampler = BatchedNoiseSampler(seeds, shape, generators=generators)
+        x = sample_prior(self.prior, self._prefix([job.prompt for job in jobs]), self._prefix([""] * len(jobs)),
+                         noise, steps=self.steps, scale=self.scale, noise_sampler=sampler)
+        aug = self.model.noise_augmentor
+        return denormalize(x, aug.data_mean, aug.data_std)
+
+    def adm_vectors(self, jobs: Sequence[Job]) -> torch.Tensor:
+        """The ADM vectors (len(jobs), 2D): each job's prior embedding, noise-augmented with its own draw."""
+        embedding = self.embeddings(jobs).to(self.model.device)
+        noise = torch.stack([
+            torch.randn(embedding.shape[1], generator=torch.Generator().manual_seed(embedding_noise_seed(job.seed)))
+            for job in jobs
+        ])
+        return self.model.augment_embedding(embedding, self.noise_level, noise=noise)

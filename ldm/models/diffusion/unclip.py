@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -186,11 +187,16 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
 
     def make_conditioner(self, inputs: Any = None):
         """Text plus the init images' embeddings (:class:`ldm.models.diffusion.conditioners.ImageVariationConditioning`)
-        from ``inputs.images`` and ``inputs.noise_level``."""
-        from ldm.models.diffusion.conditioners import ImageVariationConditioning
+        from ``inputs.images`` and ``inputs.noise_level``, or, with ``inputs.prior``, the embeddings the Karlo prior
+        makes from the prompts (:class:`ldm.models.diffusion.conditioners.PriorConditioning`)."""
+        from ldm.models.diffusion.conditioners import ImageVariationConditioning, PriorConditioning
 
+        if inputs is not None and inputs.prior is not None:
+            return PriorConditioning(self, inputs.prior, inputs.prior_steps, inputs.prior_scale, inputs.noise_level,
+                                     inputs.text)
         if inputs is None or not inputs.images:
-            raise SdgenError("image variations need at least one init image")
+            raise SdgenError("Stable unCLIP needs an init image (unclip-variate) or the Karlo prior (txt2img with "
+                             "an unCLIP-L checkpoint)")
         return ImageVariationConditioning(self, inputs.images, inputs.noise_level, inputs.text)
 
 
@@ -334,6 +340,7 @@ def load_unclip_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    text_ckpt: PathLike | None = None,
 ) -> ImageEmbeddingConditionedLatentDiffusion:
     """Build a Stable unCLIP model and load ``ckpt_path`` into it (strictly, see ``ldm.checkpoint``).
 
@@ -347,6 +354,8 @@ def load_unclip_model(
         clip_stats: Karlo's ``ViT-L-14_stats.th`` for unCLIP-L (replaces the config's ``clip_stats_path``).
         device, dtype: where the weights go; dtype None = float32 (schedules stay float32).
         state_dict: the checkpoint's tensors when the caller has read them already (consumed while loading).
+        text_ckpt: a CLIP state dict supplying the text half of ``embedder.model`` (the Karlo prior's text tower)
+            when the checkpoint lacks it (:func:`ldm.models.prior.files.clip_text_entries`).
 
     Raises:
         SdgenError: not an unCLIP config or checkpoint (the message names the files unCLIP needs), a missing
@@ -399,6 +408,10 @@ def load_unclip_model(
         if skipped:
             logger.info("%s: skipped %d tensors the image embedder does not use (e.g. %s)",
                         embedder_ckpt, len(skipped), skipped[0])
+    if text_ckpt is not None:
+        from ldm.models.prior.files import clip_text_entries
+
+        state_dict.update(clip_text_entries(Path(text_ckpt)))
     removed = _prune_absent_embedder_parts(model, set(state_dict))
     if removed:
         logger.info("image embedder: unused CLIP text-side parts not in the file, left out: %s", ", ".join(removed))
