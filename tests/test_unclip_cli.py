@@ -108,10 +108,15 @@ def test_run_writes_samples_grid_parameters_and_manifest(cli, files, tmp_path) -
 def test_defaults_are_the_streamlit_demos() -> None:
     from ldm.defaults import defaults_for
 
-    defaults = defaults_for("unclip-variate", "sd")
+    defaults = defaults_for("unclip-variate", "unclip")
     assert defaults["steps"] == 20 and defaults["scale"] == 10.0 and defaults["noise_level"] == 0
     assert defaults["height"] == defaults["width"] == 768 and defaults["sampler"] == "ddim"
     assert defaults["prompt"] == "" and defaults["n_samples"] == 2 and defaults["n_iter"] == 2
+    # text-to-image with the Karlo prior: the same decoder defaults, the prior's 25 steps at guidance 4.0
+    prior = defaults_for("txt2img", "unclip")
+    assert {k: prior[k] for k in ("steps", "scale", "height", "sampler", "n_samples", "n_iter", "noise_level")} == {
+        k: defaults[k] for k in ("steps", "scale", "height", "sampler", "n_samples", "n_iter", "noise_level")}
+    assert prior["prior_steps"] == 25 and prior["prior_scale"] == 4.0
 
 
 def test_per_image_seeds_and_determinism(cli, files, tmp_path) -> None:

@@ -266,18 +266,19 @@ def _embedder_entries(state_dict: Mapping[str, torch.Tensor], source: str) -> di
     return {EMBEDDER_PREFIX + k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _read_embedder_file(path: PathLike) -> dict[str, torch.Tensor]:
-    """``read_state_dict`` of a CLIP weight file, with a way out for OpenAI's TorchScript ``ViT-L-14.pt``."""
+def read_clip_weights(path: PathLike, what: str = "image-embedder weights") -> dict[str, torch.Tensor]:
+    """``read_state_dict`` of a CLIP weight file, with a way out for OpenAI's / Karlo's TorchScript ``ViT-L-14.pt``
+    (refused, since running it would run its code, with the one-time conversion to a state dict)."""
     from ldm.checkpoint_reader import read_state_dict
 
     try:
-        return read_state_dict(path, "image-embedder weights")
+        return read_state_dict(path, what)
     except SdgenError as exc:
         if "torchscript" not in str(exc).lower():
             raise
         raise SdgenError(
-            f"{path} is a TorchScript archive (as OpenAI's ViT-L-14.pt), which sdgen does not run; save its "
-            "weights first, e.g. safetensors.torch.save_file({k: v.contiguous() for k, v in "
+            f"{path} is a TorchScript archive (as OpenAI's and Karlo's ViT-L-14.pt), which sdgen does not run; save "
+            "its weights once, e.g. safetensors.torch.save_file({k: v.float().contiguous() for k, v in "
             "torch.jit.load(PATH, map_location='cpu').state_dict().items()}, 'ViT-L-14.safetensors'), and pass that"
         ) from exc
 
@@ -401,7 +402,7 @@ def load_unclip_model(
 
     model = build_model_on_meta(node)
     if embedder_ckpt is not None:
-        extra = _embedder_entries(_read_embedder_file(embedder_ckpt), os.fspath(embedder_ckpt))
+        extra = _embedder_entries(read_clip_weights(embedder_ckpt), os.fspath(embedder_ckpt))
         expected = set(model.state_dict().keys())
         skipped = [k for k in extra if k not in expected]
         state_dict.update({k: v for k, v in extra.items() if k in expected})

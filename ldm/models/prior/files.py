@@ -67,18 +67,9 @@ def decoder_embedding_dim(unclip_config: Any) -> int:
 def clip_text_entries(path: Path) -> dict[str, torch.Tensor]:
     """A CLIP state dict's text half (open_clip / OpenAI names, any prefix before ``token_embedding.weight``)
     as ``embedder.model.*`` entries; Karlo's TorchScript ``ViT-L-14.pt`` is refused with the conversion."""
-    from ldm.checkpoint_reader import read_state_dict
+    from ldm.models.diffusion.unclip import read_clip_weights
 
-    try:
-        state = read_state_dict(path, "CLIP text-tower weights")
-    except SdgenError as exc:
-        if "torchscript" not in str(exc).lower():
-            raise
-        raise SdgenError(
-            f"--prior-clip {path} is a TorchScript archive (Karlo's / OpenAI's ViT-L-14.pt), which sdgen does not run; "
-            "save its weights once, e.g. safetensors.torch.save_file({k: v.float().contiguous() for k, v in "
-            "torch.jit.load(PATH, map_location='cpu').state_dict().items()}, 'ViT-L-14.safetensors'), and pass that"
-        ) from exc
+    state = read_clip_weights(path, "CLIP text-tower weights")
     prefixes = [k[: -len(TEXT_ANCHOR)] for k in state if k.endswith(TEXT_ANCHOR)]
     if not prefixes:
         raise SdgenError(f"--prior-clip {path} holds no CLIP text tower (no '*token_embedding.weight' key)")

@@ -46,7 +46,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32, cast back to the input dtype (Karlo ``xf.py``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class QKVAttention(nn.Module):
