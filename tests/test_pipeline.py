@@ -169,5 +169,6 @@ def test_unset_flags_take_the_family_or_config_defaults():
     assert resolved("txt2img", demo) == ("dpmpp_2m", 25, 4.0, 64, 64, 1)
     assert resolved("safe-txt2img", demo) == ("dpmpp_2m", 25, 4.0, 64, 64, 1)
     assert resolved("txt2img", sdxl, "sdxl") == ("euler", 50, 5.0, 1024, 1024, 2)
-    assert resolved("unclip-variate", sd1) == ("ddim", 20, 10.0, 768, 768, 2)
+    assert resolved("unclip-variate", sd1, "unclip") == ("ddim", 20, 10.0, 768, 768, 2)
+    assert resolved("txt2img", sd1, "unclip") == ("ddim", 20, 10.0, 768, 768, 2)  # the Karlo prior's decoder
     assert resolved("sdxl-refine", sdxl, "sdxl") == ("euler", 50, 5.0, 1024, 1024, 1)

@@ -95,6 +95,13 @@ def test_text_to_image_records_the_prior_and_regenerates_each_image_alone(cli, f
     # a replay of the manifest gives the same pixels
     assert cli("replay", tmp_path / "a" / "run-0000.json", "--outdir", tmp_path / "c").exit_code == 0
     assert all(np.array_equal(x, y) for x, y in zip(samples(tmp_path / "c"), images))
+    # the PNG alone runs again too (the checkpoints found by their hashes, their configs beside them)
+    for path, config in ((files["unclip"], UNCLIP_L), (files["prior"], PRIOR)):
+        path.with_suffix(".yaml").write_text(Path(config).read_text())
+    png = sorted((tmp_path / "a" / "samples").glob("*.png"))[1]
+    result = cli("replay", png, "--models-dir", files["unclip"].parent, "--outdir", tmp_path / "p", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert np.abs(samples(tmp_path / "p")[0].astype(int) - images[1].astype(int)).max() <= 1  # made alone
     # --resume makes a lost image again, bit for bit
     lost = sorted((tmp_path / "c" / "samples").glob("*.png"))[1]
     lost.unlink()

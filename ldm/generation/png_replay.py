@@ -128,6 +128,16 @@ def options_from_png(path: str | Path, *, ckpt: Optional[str] = None, models_dir
         if "/" in score:
             values["aesthetic_score"], values["negative_aesthetic_score"] = (float(v) for v in score.split("/"))
         used |= {"Refiner", "Refiner switch at", "Aesthetic score"}
+    if "Prior" in fields:  # unCLIP-L text-to-image: "Prior: NAME [HASH]", found like the checkpoint
+        from ldm.model_files import find_file
+        from ldm.models.prior.files import DEFAULT_PRIOR
+
+        default = find_file(DEFAULT_PRIOR)
+        prior_hash = str(fields["Prior"]).rpartition("[")[2].rstrip("]")
+        values.update(prior=str(find_checkpoint(prior_hash, candidates + ([default] if default.is_file() else []))),
+                      prior_steps=_number(fields, "Prior steps", int), prior_scale=_number(fields, "Prior scale"),
+                      noise_level=_number(fields, "Noise level", int))
+        used |= {"Prior", "Prior steps", "Prior scale", "Noise level"}
     if settings:  # sdgen's own record: the exact settings
         values.update(precision=settings.get("precision", "autocast"), eta=settings.get("eta", values["eta"]))
         if settings.get("sld"):

@@ -3,7 +3,8 @@
 - the prior checkpoint (``--prior``; the original's path ``checkpoints/karlo_models/prior-ckpt-step=01000000-
   of-01000000.ckpt``): a pickled Lightning dict whose ``state_dict`` holds the 256 ``model.*`` tensors (read
   without running pickled code), or a .safetensors copy;
-- its config (``--prior-config``; ``configs/karlo/prior_1B_vit_l.yaml``);
+- its config (``--prior-config``; else a ``.yaml`` of the same name beside the prior; else
+  ``configs/karlo/prior_1B_vit_l.yaml``);
 - the CLIP ViT-L/14 text tower: the unCLIP-L checkpoint's ``embedder.model.*`` text half, or ``--prior-clip``
   (a state dict; Karlo's TorchScript ``ViT-L-14.pt`` is refused with the conversion to run);
 - Karlo's ``ViT-L-14_stats.th`` (``--clip-stats``, else beside the prior), which de-normalises the prior's output
@@ -90,7 +91,9 @@ def plan_prior(opts: Any, unclip_config: Any, unclip_shapes: Mapping[str, tuple[
     from ldm.checkpoint_reader import check_checkpoint_file
     from ldm.model_files import checkpoint_shapes, file_sha256, find_file, guess_config
 
-    config_path = find_file(opts.prior_config or PRIOR_CONFIG)
+    beside = find_file(opts.prior or DEFAULT_PRIOR).with_suffix(".yaml")  # a config beside the prior, as for models
+    config_path = find_file(opts.prior_config) if opts.prior_config else (beside if beside.is_file()
+                                                                          else find_file(PRIOR_CONFIG))
     if not config_path.is_file():
         raise SdgenError(f"prior config not found: {opts.prior_config or PRIOR_CONFIG} (pass --prior-config PATH)")
     config = load_model_config(config_path)
