@@ -10,7 +10,9 @@ For each family (SD 1.x, SD 2.x v, SDXL base) on its tiny test config and on the
   memory-efficient / math, from the profiler);
 * images per second of txt2img at 512 and 1024 px (20 steps, guidance), fp16 autocast;
 * ``--offload``: the weights in host memory, each part on the GPU only while it runs: the same images, and the
-  peak GPU memory with and without it.
+  peak GPU memory with and without it;
+* the Karlo prior (tiny, random): its cached text prefix against the whole 81-position pass on the device, a
+  25-step sampling there (finite), and fp16 autocast against float32.
 
 Exits 0 with a note when no CUDA device is present; 1 when a check fails.
 """
@@ -168,6 +170,32 @@ def check_family(name: str, quick: bool, device: torch.device) -> dict[str, Any]
     return out
 
 
+def prior_check(device: torch.device) -> dict[str, Any]:
+    """The tiny Karlo prior on ``device``: cached vs whole pass, a 25-step sampling, fp16 autocast vs float32."""
+    from ldm.models.prior.karlo import sample_prior
+
+    prior = build_model_on_meta(load_config(bundled_path("configs/tests/karlo-prior-tiny.yaml"))).to_empty(device=device)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        text, seq = torch.randn(2, 16, generator=g).to(device), torch.randn(2, 77, 32, generator=g).to(device)
+        mask = torch.ones(2, 77, dtype=torch.bool, device=device)
+        x, t = torch.randn(2, 16, generator=g).to(device), torch.tensor([999, 3], device=device)
+        prefix = prior.model.encode_text(text, seq, mask)
+        cached, whole = prior.model.step(x, t, prefix), prior.model(x, t, text, seq, mask)
+        out = sample_prior(prior, prefix.select(torch.tensor([0], device=device)),
+                           prefix.select(torch.tensor([1], device=device)), x[:1], steps=25, scale=4.0,
+                           noise_sampler=lambda s, sn: torch.randn(1, 16, device=device, dtype=torch.float64))
+        with precision_context("fp16" if device.type == "cuda" else "bf16", device):
+            half = prior.model.step(x, t, prior.model.encode_text(text, seq, mask))
+    row = {"cached_vs_whole": float((cached - whole).abs().max() / whole.abs().max()),
+           "sample_finite": bool(torch.isfinite(out).all()),
+           "autocast_vs_fp32": float((half.float() - cached).abs().max() / cached.abs().max())}
+    print(f"karlo-prior tiny: {json.dumps(row)}", flush=True)
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny configs only")
@@ -184,6 +212,10 @@ def main() -> int:
     failed = [f"{name} {scale}" for name, rows in results.items() for scale, row in rows.items()
               if not row["finite"] or row["unet_fp16_vs_fp32"] > 0.05
               or not row["offload_same_images"] or (device.type == "cuda" and not row["channels_last"])]
+    prior = prior_check(device)
+    if not prior["sample_finite"] or prior["cached_vs_whole"] > 1e-3 or prior["autocast_vs_fp32"] > 0.05:
+        failed.append("karlo-prior")
+    results["karlo-prior"] = prior
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print("FAILED: " + ", ".join(failed) if failed else "all checks passed")

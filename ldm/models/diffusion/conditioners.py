@@ -233,10 +233,10 @@ class PriorConditioning(ImageVariationConditioning):
         from ldm.sampling.noise import BatchedNoiseSampler, initial_noise, make_generators
 
         seeds = [prior_noise_seed(job.seed) for job in jobs]
-        generators = make_generators(seeds)
-        shape = (self.prior.clip_dim,)
-        noise = initial_noise(shape, seeds, generators=generators)
-        sampler = BatchedNoiseSampler(seeds, shape, generators=generators)
+        generators = make_generators(seeds)  # drawn on the CPU, moved to the prior's device
+        shape, device = (self.prior.clip_dim,), next(self.prior.parameters()).device
+        noise = initial_noise(shape, seeds, device=device, generators=generators)
+        sampler = BatchedNoiseSampler(seeds, shape, device=device, generators=generators)
         x = sample_prior(self.prior, self._prefix([job.prompt for job in jobs]), self._prefix([""] * len(jobs)),
                          noise, steps=self.steps, scale=self.scale, noise_sampler=sampler)
         aug = self.model.noise_augmentor
