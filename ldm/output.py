@@ -284,6 +284,11 @@ class ImageRecord:
     prompt: str
     file: str | None  # relative to the output folder; None with --skip_save
     sha256: str | None
+    tags: dict[str, str] | None = None  # the prompt line's metadata columns (e.g. I2P categories), if any
+
+    def as_dict(self) -> dict:
+        """The manifest's entry (no ``tags`` key when the line has none)."""
+        return {k: v for k, v in vars(self).items() if k != "tags" or v}
 
 
 class RunManifest:

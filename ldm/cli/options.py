@@ -92,6 +92,12 @@ def flags(command: str) -> SimpleNamespace:
                              "(replaces the empty unconditional prompt of classifier-free guidance)"),
         from_file=_opt("--from-file", "--from_file", default=False, help="read prompts from this file, one per line "
                        "(each line is one image per iteration)"),
+        tags=_opt("--tags", kind=Optional[list[str]], default=False,
+                  help="COLUMN: an extra .csv prompt-file column carried to the manifest as each image's metadata; "
+                  "repeatable (the I2P benchmark's own columns are recognised)"),
+        i2p_settings=_opt("--i2p-settings", kind=str, help="an I2P benchmark file's rows: row = their own guidance "
+                          "scale and size (what the dataset card's reference percentages used) | fixed = this "
+                          "command's (the authors' evaluation code: 7.5, 512 x 512)"),
         outdir=_opt("--outdir", help="write results to this folder", default=_shown(command, "outdir")),
         skip_grid=_opt("--skip_grid", "--skip-grid", kind=bool_, help="do not save a grid, only samples"),
         skip_save=_opt("--skip_save", "--skip-save", kind=bool_, help="do not save individual samples"),
@@ -188,7 +194,7 @@ def flags(command: str) -> SimpleNamespace:
 
 
 #: The flags every generation command shares, in --help order (``prompt_arg`` is the positional PROMPT).
-COMMON_FLAGS = ("prompt_arg", "prompt", "negative_prompt", "from_file", "outdir", "skip_grid", "skip_save", "steps",
+COMMON_FLAGS = ("prompt_arg", "prompt", "negative_prompt", "from_file", "tags", "i2p_settings", "outdir", "skip_grid", "skip_save", "steps",
                 "plms", "dpm_solver", "sampler", "schedule", "eta", "n_iter", "height", "width", "latent_channels", "factor",
                 "n_samples", "n_rows", "scale", "seed", "fixed_code", "config", "ckpt", "precision", "device",
                 "safety_checker", "no_safety_checker", "no_watermark")
@@ -209,7 +215,7 @@ SIGNATURE_DEFAULTS: dict[str, Any] = {
     "no_safety_checker": False, "no_watermark": False, "resume": False, "num_nodes": UNSET.num_nodes,
     "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout, "prompt_syntax": UNSET.prompt_syntax,
     "clip_skip": UNSET.clip_skip, "schedule": UNSET.schedule, "compile": False, "vae_tiling": False,
-    "low_memory": False, "offload": False,
+    "low_memory": False, "offload": False, "i2p_settings": UNSET.i2p_settings,
 }
 
 
@@ -288,7 +294,7 @@ def options_from_flags(command: str, flags_given: Mapping[str, Any], **values: A
         given["precision"] = given["precision"].value
     if "no_watermark" in given:
         out["watermark"] = not given.pop("no_watermark")
-    for name in ("sweep", "lora", "embedding"):
+    for name in ("sweep", "lora", "embedding", "tags"):
         if name in given:
             out[name] = list(given.pop(name) or [])
     out.update({k: v for k, v in given.items() if k in known and k not in out})

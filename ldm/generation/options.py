@@ -33,6 +33,8 @@ class GenerateOptions:
         prompt, negative_prompt: the prompt (None: the command's default) and the unconditional one.
         from_file: a prompt file (:mod:`ldm.generation.prompt_file`: .txt one prompt per line, .csv / .jsonl with
             per-line settings); ``prompt_list`` / ``prompt_entries`` (set by ``sdgen replay``) replace reading it.
+            ``tags``: extra .csv columns carried to the manifest as each image's metadata; ``i2p_settings``: "row"
+            (an I2P file's own scale and size) or "fixed" (the command's).
         config, ckpt: model config and checkpoint (None: the original scripts' paths, or the demo model);
             ``refiner_ckpt`` / ``refiner_config`` the SDXL refiner of ``sdxl-refine``.
         init_img: img2img / SDEdit input image, or unCLIP's image or folder of images.
@@ -69,6 +71,8 @@ class GenerateOptions:
     prompt: Optional[str] = None
     negative_prompt: str = ""
     from_file: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    i2p_settings: str = "row"
     prompt_list: Optional[list[str]] = field(default=None)
     outdir: Optional[str] = None
     skip_grid: bool = False

@@ -131,12 +131,12 @@ class RunPlan:
 def prompt_entries(opts: GenerateOptions) -> list[PromptEntry]:
     """The run's prompts: recorded entries (replay), the lines of ``--from-file``, or the single prompt."""
     if opts.prompt_entries is not None:
-        return [PromptEntry(e["prompt"], e.get("where", ""), dict(e.get("overrides") or {}))
+        return [PromptEntry(e["prompt"], e.get("where", ""), dict(e.get("overrides") or {}), dict(e.get("tags") or {}))
                 for e in opts.prompt_entries]
     if opts.prompt_list is not None:
         return [PromptEntry(p, f"prompt {n}") for n, p in enumerate(opts.prompt_list, start=1)]
     if opts.from_file is not None:
-        entries = read_prompt_file(opts.from_file)
+        entries = read_prompt_file(opts.from_file, tags=opts.tags, i2p_settings=opts.i2p_settings)
         if opts.command == "unclip-variate" and any("init_img" in e.overrides for e in entries):
             where = next(e.where for e in entries if "init_img" in e.overrides)
             raise SdgenError(f"{where}: unclip-variate takes its images from --init-img, not from prompt lines")

@@ -6,7 +6,14 @@ Each line of a .csv / .jsonl file may set, besides ``prompt``: ``negative_prompt
 SLD settings (``sld``, ``sld_guidance_scale``, ``sld_warmup_steps``, ``sld_threshold``, ``sld_momentum_scale``,
 ``sld_momentum_beta``, ``safety_concept``). Empty cells and missing keys take the command's flags. Every line is
 checked here (names and types) and again against the model once the plan knows it; a bad line is one error naming
-the file and the line.
+the file and the line. Other columns are an error unless named with ``--tags``: their values are carried to the
+manifest as each image's tags.
+
+The I2P benchmark file (``i2p_benchmark.csv`` of AIML-TUDA/i2p, as published) is recognised by its header: each
+row is one prompt with :data:`I2P_IMAGES_PER_PROMPT` images, seeded ``sd_seed + k`` (k = 0..9); with
+``i2p_settings="row"`` the row's ``sd_guidance_scale`` / ``sd_image_width`` / ``sd_image_height`` apply (what the
+dataset card says its reference percentages used), with ``"fixed"`` the command's scale and size (the authors'
+evaluation code: 7.5 and 512 x 512 for SD 1.x); ``categories`` and the other columns become the images' tags.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ldm.errors import SdgenError
 
@@ -63,14 +70,25 @@ SLD_FIELDS = ("sld", "sld_guidance_scale", "sld_warmup_steps", "sld_threshold", 
               "sld_momentum_beta", "safety_concept")
 
 
+#: I2P columns that are settings: -> sdgen field (the seed always; scale and size with i2p_settings="row")
+I2P_SETTINGS = {"sd_seed": "seed", "sd_guidance_scale": "scale", "sd_image_width": "width", "sd_image_height": "height"}
+#: the I2P columns carried as tags (metadata of each image, for ``sdgen eval``)
+I2P_TAGS = ("categories", "hard", "inappropriate_percentage", "nudity_percentage", "q16_percentage",
+            "sd_safety_percentage", "prompt_toxicity", "lexica_url", "sd_model")
+#: the SLD model card: "Evaluated using 10 images for each I2G prompt"
+I2P_IMAGES_PER_PROMPT = 10
+I2P_SETTING_MODES = ("row", "fixed")
+
+
 @dataclass(frozen=True)
 class PromptEntry:
     """One prompt of a run and the settings its line sets (``overrides``: field -> value); ``where`` names it in
-    messages ("prompts.csv:7", or "--prompt")."""
+    messages ("prompts.csv:7", or "--prompt"); ``tags`` are the line's metadata columns (column -> text)."""
 
     prompt: str
     where: str
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
+    tags: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 def parse_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -90,21 +108,38 @@ def parse_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _entries_from_rows(rows: list[tuple[int, dict[str, Any]]], name: str) -> list[PromptEntry]:
+def _entries_from_rows(rows: list[tuple[int, dict[str, Any]]], name: str,
+                       tags: Sequence[str] = ()) -> list[PromptEntry]:
     entries = []
     for line, raw in rows:
         where = f"{name}:{line}"
+        cells = {k: raw.pop(k, None) for k in tags}
+        own = {k: str(v) for k, v in cells.items() if v is not None and str(v).strip()}
         values = parse_fields(raw, where)
         prompt = values.pop("prompt", None)
         if prompt is None or not str(prompt).strip():
             raise SdgenError(f"{where}: the line has no prompt")
-        entries.append(PromptEntry(str(prompt).strip(), where, values))
+        entries.append(PromptEntry(str(prompt).strip(), where, values, own))
     return entries
 
 
-def read_prompt_file(path: str | Path) -> list[PromptEntry]:
+def _i2p_row(row: dict[str, Any], settings: str) -> dict[str, Any]:
+    """An I2P row as a prompt line: its seed (and in "row" mode its scale and size) as settings, 10 images."""
+    out = {k: v for k, v in row.items() if k not in I2P_SETTINGS}
+    for column, name in I2P_SETTINGS.items():
+        if column in row and (name == "seed" or settings == "row"):
+            out[name] = row[column]
+        elif column in row:
+            out[column] = row[column]  # kept as a tag: what the row recorded
+    out.setdefault("n_samples", I2P_IMAGES_PER_PROMPT)
+    return out
+
+
+def read_prompt_file(path: str | Path, *, tags: Sequence[str] = (), i2p_settings: str = "row") -> list[PromptEntry]:
     """The prompts of a prompt file, by its suffix: .csv (header row), .jsonl (one object per line), anything else
-    one prompt per line (blank lines skipped). Raises SdgenError naming the file and line of a bad line."""
+    one prompt per line (blank lines skipped). ``tags`` name extra columns carried as metadata; ``i2p_settings``
+    is how an I2P file's rows set scale and size (module docstring). Raises SdgenError naming the file and line of
+    a bad line."""
     from ldm.files import read_text_file
 
     p = Path(path)
@@ -113,16 +148,31 @@ def read_prompt_file(path: str | Path) -> list[PromptEntry]:
     suffix = p.suffix.lower()
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "prompt" not in [f.strip() for f in reader.fieldnames]:
+        columns = [f.strip() for f in reader.fieldnames or []]
+        if "prompt" not in columns:
             raise SdgenError(f"{name}:1: the header row must name a 'prompt' column (got {reader.fieldnames})")
-        parse_fields({column: None for column in reader.fieldnames}, f"{name}:1")  # unknown columns
+        i2p = {"categories", "sd_seed"} <= set(columns)
+        if i2p_settings not in I2P_SETTING_MODES:
+            raise SdgenError(f"--i2p-settings must be one of {', '.join(I2P_SETTING_MODES)}, got {i2p_settings!r}")
+        missing = [t for t in tags if t not in columns]
+        if missing:
+            raise SdgenError(f"{name}:1: --tags names columns the file does not have: {', '.join(missing)}")
+        tag_columns = list(tags) + ([c for c in columns if c in I2P_TAGS or c in I2P_SETTINGS] if i2p else [])
+        unknown = [c for c in columns if c not in tag_columns and c not in I2P_SETTINGS]
+        try:
+            parse_fields({column: None for column in unknown}, f"{name}:1")
+        except SdgenError as exc:
+            raise SdgenError(f"{exc}; name extra columns with --tags to carry them as metadata") from None
         rows = []
         for row in reader:
             if None in row:
                 raise SdgenError(f"{name}:{reader.line_num}: more cells than the header has columns")
+            row = {str(k).strip(): v for k, v in row.items()}
             if any(v and v.strip() for v in row.values()):
-                rows.append((reader.line_num, dict(row)))
-        entries = _entries_from_rows(rows, name)
+                rows.append((reader.line_num, _i2p_row(row, i2p_settings) if i2p else row))
+        carried = [c for c in tag_columns if not (i2p and I2P_SETTINGS.get(c) == "seed")
+                   and not (i2p and c in I2P_SETTINGS and i2p_settings == "row")]
+        entries = _entries_from_rows(rows, name, carried)
     elif suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):

@@ -116,7 +116,8 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
         "settings_groups": [settings.record() for settings in plan.groups],
         "stages": stage_summary(stages),
         "sweeps": [{"field": s.field, "values": list(s.values)} for s in plan.sweeps],
-        "entries": [{"prompt": e.prompt, "where": e.where, "overrides": e.overrides} for e in plan.entries],
+        "entries": [{"prompt": e.prompt, "where": e.where, "overrides": e.overrides, **({"tags": e.tags} if e.tags else {})}
+                    for e in plan.entries],
         "prompts": plan.prompts,
         "per_image_prompts": opts.per_image_prompts,
         "sampler": plan.settings.sampler,

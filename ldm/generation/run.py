@@ -196,6 +196,7 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
         return lines[job.settings]
 
     names = [image.path.name for image in plan.init_images]
+    line_tags = {entry.where: entry.tags for entry in plan.entries if entry.tags}  # e.g. an I2P row's categories
     header = {**manifest_header(plan, stages_for(plan.settings)[0] if models else [], notices), "run_notes": notes,
               "first_sample": plan.out.first_sample}
     writer = RunWriter(
@@ -203,6 +204,7 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
         batch_sizes={job.batch: len(batch) for batch in plan.batches for job in batch}, skip_save=opts.skip_save,
         job_record=lambda job: job_record(plan, job), previous=state["previous"],
         per_image=(lambda job: {"Init image": names[job.init_image]}) if plan.conditioning_images else None,
+        tags_of=(lambda job: line_tags.get(job.where)) if line_tags else None,
     )
     if progress is not None:
         progress.start(plan.num_images, len(done))

@@ -101,10 +101,11 @@ class RunWriter:
                  settings_line: Callable[[Any], Mapping[str, Any]], batch_sizes: Mapping[int, int],
                  skip_save: bool = False, job_record: Optional[Callable[[Any], Mapping[str, Any]]] = None,
                  per_image: Optional[Callable[[Any], Mapping[str, Any]]] = None,
+                 tags_of: Optional[Callable[[Any], Optional[dict]]] = None,
                  previous: Sequence[Mapping[str, Any]] = ()) -> None:
         self.out, self.safety, self.settings_line = out, safety, settings_line
         self.batch_sizes, self.skip_save = dict(batch_sizes), skip_save
-        self.job_record, self.per_image = job_record, per_image
+        self.job_record, self.per_image, self.tags_of = job_record, per_image, tags_of
         self.previous = [dict(r) for r in previous]
         self.main = main
         self.written = 0
@@ -134,7 +135,8 @@ class RunWriter:
             logger.warning("the safety checker flagged image %d (seed %d)%s; it is saved black",
                            job.index, job.seed, f" ({file})" if file else "")
         self.pixels[job.index] = image.pixels
-        line = json.dumps(vars(ImageRecord(job.index, job.seed, job.prompt, file, digest)), ensure_ascii=False)
+        tags = self.tags_of(job) if self.tags_of else None
+        line = json.dumps(ImageRecord(job.index, job.seed, job.prompt, file, digest, tags).as_dict(), ensure_ascii=False)
         self._part.write(line + "\n")
         self._part.flush()
         os.fsync(self._part.fileno())
