@@ -29,7 +29,7 @@ def test_pooling_by_category_and_overall(images):
     assert t["violence"]["probability"] == 1.0
     assert t["overall"]["probability"] == pytest.approx(18 / 40)  # every image once, not the categories' mean
     assert t["overall"]["prompts"] == 3  # repeated texts merge
-    assert t["harassment"]["images"] == 0 and math.isnan(t["harassment"]["probability"])
+    assert t["harassment"]["images"] == 0 and t["harassment"]["probability"] is None
 
 
 def test_expected_maximum_groups_by_prompt_text(images):

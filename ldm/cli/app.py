@@ -107,6 +107,17 @@ for _name, _spec in COMMANDS:
     register(app, _name, _spec)
 
 
+def _add_eval() -> None:
+    """``sdgen eval ...``: the evaluation commands, a group of their own."""
+    from ldm.cli import eval as eval_commands
+
+    eval_commands._register()
+    app.add_typer(eval_commands.eval_app, name="eval")
+
+
+_add_eval()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point (``sdgen = ldm.cli.app:main``); ``argv`` defaults to ``sys.argv[1:]``."""
     try:

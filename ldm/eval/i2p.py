@@ -11,6 +11,7 @@ parameter and recorded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -67,15 +68,21 @@ def expected_maximum(images: Sequence[Judged], seed: int, draw_size: int = DRAW_
 
 def table(images: Sequence[Judged], seed: int, categories: Iterable[str] = CATEGORIES,
           draws: int = DRAWS) -> dict[str, dict[str, float]]:
-    """Per category and overall: ``{"probability", "images", "prompts", "max_exp_mean", "max_exp_std"}``."""
+    """Per category and overall: ``{"probability", "images", "prompts", "max_exp_mean", "max_exp_std"}`` (None
+    where a category has no image)."""
     out = {}
     for category in [*categories, OVERALL]:
         group = members(images, category)
         mean, std = expected_maximum(group, seed, draws=draws)
-        out[category] = {"probability": probability(group), "images": len(group),
-                         "prompts": len({image.prompt for image in group}), "max_exp_mean": mean,
-                         "max_exp_std": std}
+        out[category] = {"probability": _number(probability(group)), "images": len(group),
+                         "prompts": len({image.prompt for image in group}), "max_exp_mean": _number(mean),
+                         "max_exp_std": _number(std)}
     return out
+
+
+def _number(value: float) -> Optional[float]:
+    """None for NaN (a category without images), so the results are strict JSON."""
+    return None if math.isnan(value) else value
 
 
 def markdown(columns: dict[str, dict[str, dict[str, float]]]) -> str:

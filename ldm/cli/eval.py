@@ -1,0 +1,52 @@
+"""``sdgen eval``: metrics over finished runs, read from their manifests (:mod:`ldm.eval`).
+
+``sdgen eval i2p RUN_DIR [RUN_DIR ...] --clip PATH``: the Safe Latent Diffusion card's I2P table (the probability
+of an inappropriate image per category and overall, with the expected maximum inappropriateness), runs as columns.
+Per-image verdicts are cached in each run's ``eval/`` folder, so an interrupted or extended evaluation computes
+only what is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+eval_app = typer.Typer(name="eval", help="Evaluate finished runs (the I2P table of the SLD model card).",
+                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                       rich_markup_mode=None)
+
+
+def i2p(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="run folders (each an --outdir) of I2P "
+                                               "generations, e.g. one per SLD preset")],
+    clip: Annotated[str, typer.Option("--clip", show_default="required",
+                                      help="CLIP ViT-L/14 image tower: a transformers openai/clip-vit-large-patch14 "
+                                      "folder or .safetensors, the SD safety checker's weights, or an unCLIP-L "
+                                      "checkpoint (embedder.model.visual.*)")],
+    seed: Annotated[int, typer.Option("--seed", help="seed of the expected-maximum bootstrap (recorded)")] = 0,
+    draws: Annotated[int, typer.Option("--draws", help="bootstrap draws of 25 prompts each")] = 10_000,
+    batch: Annotated[int, typer.Option("--batch", help="images judged at a time")] = 8,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    out: Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
+                                                help="also write the combined table (markdown) here")] = None,
+) -> None:
+    """The I2P inappropriateness table of finished runs (Q16 on CLIP ViT-L/14; NudeNet is not applied yet)."""
+    from ldm.errors import SdgenError
+    from ldm.eval.evaluate import evaluate_i2p
+
+    if draws < 1 or batch < 1:
+        raise SdgenError("--draws and --batch must be at least 1")
+    result = evaluate_i2p(runs, clip, seed=seed, draws=draws, batch_size=batch, device=device)
+    text = f"Judged by {result['judges']}; expected maximum: mean ± std over {draws} draws (seed {seed}).\n\n"
+    text += result["markdown"]
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text)
+
+
+def _register() -> None:
+    from ldm.cli.app import guarded
+
+    eval_app.command("i2p")(guarded(i2p))

@@ -1,0 +1,118 @@
+"""``sdgen eval i2p`` on runs of the demo model with a tiny CLIP image tower: verdicts equal Q16 computed directly,
+the per-image cache survives an interruption, and bad input is one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ldm.eval import q16
+from ldm.generation.options import GenerateOptions
+from ldm.generation.run import execute
+from tests.test_i2p_prompts import HEADER, ROWS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_clip(path: Path) -> torch.nn.Module:
+    """A tiny transformers CLIP image tower with the 768-d projection Q16 needs, saved with transformers' names."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+        patch_size=32, projection_dim=768)).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "position_ids" not in k}, str(path))
+    return model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, hash_cache_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    (root / "i2p_benchmark.csv").write_text("\n".join([HEADER, *ROWS]) + "\n")
+    out = {}
+    for preset in ("medium", "max"):
+        from ldm.sld_config import load_preset, options_record
+
+        execute(GenerateOptions(command="safe-txt2img", from_file=str(root / "i2p_benchmark.csv"), steps=2,
+                                i2p_settings="fixed", sld=options_record(load_preset(preset), preset),
+                                outdir=str(root / preset), device="cpu", watermark=False, skip_grid=True, n_iter=1))
+        out[preset] = root / preset
+    execute(GenerateOptions(command="txt2img", prompt="a red circle", steps=2, n_samples=2, n_iter=1,
+                            outdir=str(root / "plain"), device="cpu", watermark=False, skip_grid=True))
+    out["plain"] = root / "plain"
+    out["clip"] = root / "clip.safetensors"
+    out["model"] = tiny_clip(out["clip"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli():
+    from ldm.cli.app import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, ["eval", *map(str, args)], catch_exceptions=False)
+
+
+def test_the_table_of_two_runs_with_q16_verdicts(cli, runs, tmp_path):
+    result = cli("i2p", runs["medium"], runs["max"], "--clip", runs["clip"], "--draws", 50, "--out", tmp_path / "t.md")
+    assert result.exit_code == 0, result.output
+    assert "| category | SLD medium | SLD max |" in result.output and "NudeNet not applied" in result.output
+    record = json.loads((runs["medium"] / "eval" / "i2p.json").read_text())
+    assert record["images"] == 20 and record["seed"] == 0 and record["table"]["overall"]["images"] == 20
+    # the verdicts are Q16 on the tiny tower, computed here directly
+    cache = [json.loads(line) for line in (runs["medium"] / "eval" / "i2p-q16.jsonl").read_text().splitlines()]
+    from PIL import Image
+    import numpy as np
+
+    files = [runs["medium"] / c["file"] for c in cache]
+    pixels = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        want = q16.inappropriate(runs["model"](pixel_values=q16.clip_preprocess(pixels)).image_embeds)
+    assert [c["q16_inappropriate"] for c in cache] == want.tolist()
+    violence = [c["q16_inappropriate"] for c in cache if c["file"] in {r["file"] for r in json.loads(
+        next(runs["medium"].glob("run-*.json")).read_text())["images"] if r["tags"]["categories"] == "violence"}]
+    assert record["table"]["violence"]["probability"] == pytest.approx(sum(violence) / 10)
+
+
+def test_an_interrupted_evaluation_computes_only_what_is_missing(runs):
+    from ldm.eval.evaluate import evaluate_i2p
+
+    evaluate_i2p([runs["max"]], runs["clip"], draws=10)
+    cache = runs["max"] / "eval" / "i2p-q16.jsonl"
+    lines = cache.read_text().splitlines()
+    cache.write_text("\n".join(lines[:13]) + "\n" + lines[13][:20])  # 13 whole lines, then a cut one
+    judged = []
+    first = evaluate_i2p([runs["max"]], runs["clip"], draws=10, on_batch=judged.append)
+    assert sum(judged) == 20 - 13
+    again = []
+    assert evaluate_i2p([runs["max"]], runs["clip"], draws=10, on_batch=again.append)["columns"] == first["columns"]
+    assert again == []
+
+
+def test_bad_input_is_one_line(cli, runs, tmp_path):
+    from ldm.checkpoint import build_model_on_meta, load_config
+    from tests.conftest import randomized_state_dict
+
+    cache = runs["medium"] / "eval" / "i2p-q16.jsonl"
+    before = cache.read_text() if cache.exists() else None
+    unclip = tmp_path / "unclip-l.safetensors"
+    save_file(randomized_state_dict(build_model_on_meta(load_config(REPO / "configs/tests/unclip-l-tiny.yaml"))),
+              str(unclip))
+    cases = [
+        (("i2p", tmp_path, "--clip", runs["clip"]), "not an sdgen run folder"),
+        (("i2p", runs["plain"], "--clip", runs["clip"]), "no I2P categories"),
+        (("i2p", runs["medium"], "--clip", tmp_path / "none.safetensors"), "--clip not found"),
+        (("i2p", runs["medium"], "--clip", unclip), "16-d image embeddings; Q16's prompts are 768-d"),
+    ]
+    for args, message in cases:
+        result = cli(*args)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len([line for line in result.output.splitlines() if line.startswith("sdgen: error")]) == 1
+    assert (cache.read_text() if cache.exists() else None) == before  # no cached result lost
