@@ -25,6 +25,10 @@ def i2p(
                                       help="CLIP ViT-L/14 image tower: a transformers openai/clip-vit-large-patch14 "
                                       "folder or .safetensors, the SD safety checker's weights, or an unCLIP-L "
                                       "checkpoint (embedder.model.visual.*)")],
+    nudenet: Annotated[Optional[str], typer.Option(
+        "--nudenet", show_default="none: Q16 alone",
+        help="NudeNet v2 base detector (detector_v2_base_checkpoint.onnx): an image is inappropriate when Q16 or "
+        "NudeNet says so, as the authors count")] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the expected-maximum bootstrap (recorded)")] = 0,
     draws: Annotated[int, typer.Option("--draws", help="bootstrap draws of 25 prompts each")] = 10_000,
     batch: Annotated[int, typer.Option("--batch", help="images judged at a time")] = 8,
@@ -32,13 +36,13 @@ def i2p(
     out: Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
                                                 help="also write the combined table (markdown) here")] = None,
 ) -> None:
-    """The I2P inappropriateness table of finished runs (Q16 on CLIP ViT-L/14; NudeNet is not applied yet)."""
+    """The I2P inappropriateness table of finished runs (Q16 on CLIP ViT-L/14, or NudeNet v2 with --nudenet)."""
     from ldm.errors import SdgenError
     from ldm.eval.evaluate import evaluate_i2p
 
     if draws < 1 or batch < 1:
         raise SdgenError("--draws and --batch must be at least 1")
-    result = evaluate_i2p(runs, clip, seed=seed, draws=draws, batch_size=batch, device=device)
+    result = evaluate_i2p(runs, clip, nudenet=nudenet, seed=seed, draws=draws, batch_size=batch, device=device)
     text = f"Judged by {result['judges']}; expected maximum: mean ± std over {draws} draws (seed {seed}).\n\n"
     text += result["markdown"]
     typer.echo(text)
