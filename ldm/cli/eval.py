@@ -3,7 +3,8 @@
 ``sdgen eval i2p RUN_DIR [RUN_DIR ...] --clip PATH``: the Safe Latent Diffusion card's I2P table (the probability
 of an inappropriate image per category and overall, with the expected maximum inappropriateness), runs as columns.
 Per-image verdicts are cached in each run's ``eval/`` folder, so an interrupted or extended evaluation computes
-only what is missing.
+only what is missing. ``sdgen eval fid RUN_DIR --ref DIR --inception PATH`` and ``sdgen eval clip-score RUN_DIR
+--clip PATH``: FID / KID and CLIP score through torchmetrics, ``--by SETTING`` per value of a run setting.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-eval_app = typer.Typer(name="eval", help="Evaluate finished runs (the I2P table of the SLD model card).",
+eval_app = typer.Typer(name="eval", help="Evaluate finished runs: the SLD model card's I2P table, FID / KID, CLIP score.",
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        rich_markup_mode=None)
 
@@ -54,3 +55,56 @@ def _register() -> None:
     from ldm.cli.app import guarded
 
     eval_app.command("i2p")(guarded(i2p))
+    eval_app.command("fid")(guarded(fid))
+    eval_app.command("clip-score")(guarded(clip_score))
+
+
+def _by_help() -> str:
+    return ("group by this run setting (scale, steps, sampler, a sweep axis, ...): one value per setting value, e.g. "
+            "--by scale for the FID-vs-CLIP-score curve over guidance scales")
+
+
+def fid(
+    run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder (its --outdir)")],
+    ref: Annotated[Path, typer.Option("--ref", show_default="required", help="folder of reference images")],
+    inception: Annotated[str, typer.Option(
+        "--inception", show_default="required",
+        help="torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth; a trusted file: it is "
+        "unpickled)")],
+    by: Annotated[Optional[str], typer.Option("--by", help=_by_help())] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
+                                                help="also write the table (markdown) here")] = None,
+) -> None:
+    """FID and KID of a run against reference images (torchmetrics; the eval extra)."""
+    from ldm.eval.metrics import fid_kid, markdown, reference_images, require_metrics
+    from ldm.eval.runs import read_run
+
+    require_metrics()
+    finished = read_run(run)
+    from ldm.eval.metrics import inception as load_inception
+
+    rows = fid_kid(finished, reference_images(ref), load_inception(inception), setting=by)
+    _emit(markdown(rows, by), out)
+
+
+def clip_score(
+    run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder (its --outdir)")],
+    clip: Annotated[str, typer.Option("--clip", show_default="required",
+                                      help="a transformers CLIP folder (openai/clip-vit-large-patch14)")],
+    by: Annotated[Optional[str], typer.Option("--by", help=_by_help())] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
+                                                help="also write the table (markdown) here")] = None,
+) -> None:
+    """CLIP score of a run's images against their prompts (torchmetrics; the eval extra)."""
+    from ldm.eval.metrics import clip_model_loader, clip_score as score, markdown, require_metrics
+    from ldm.eval.runs import read_run
+
+    require_metrics()
+    finished = read_run(run)
+    _emit(markdown(score(finished, clip_model_loader(clip), setting=by), by), out)
+
+
+def _emit(text: str, out: Optional[Path]) -> None:
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text)

@@ -1,0 +1,157 @@
+"""FID, KID and CLIP score of finished runs, through torchmetrics (the ``eval`` extra), grouped by a run setting.
+
+- FID / KID: torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance`` with torch-fidelity's
+  Inception v3, its weights from ``--inception PATH`` (``weights-inception-2015-12-05-6726825d.pth``; sdgen never
+  downloads it; torch-fidelity unpickles that file fully, so it must be the trusted original), against a folder of
+  reference images (``--ref``). Images go in as uint8; torchmetrics resizes them to 299 px.
+- CLIP score: torchmetrics' ``CLIPScore`` (100 x cosine of CLIP image and text features, the mean clamped at 0)
+  of each image and its prompt (from the manifest), with a transformers CLIP folder (``--clip``), read offline.
+- ``--by SETTING``: one value per distinct value of a run setting (``scale``, ``steps``, a sweep axis, ...), read
+  from each image's own record in its PNG; e.g. ``--by scale`` gives the FID-vs-CLIP-score curve over guidance
+  scales that SD papers plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ldm.errors import SdgenError
+from ldm.eval.runs import Run, RunImage, batches, read_images
+
+EXTRA_HINT = "pip install 'sdgen[eval]' (torchmetrics, torch-fidelity, onnxruntime, matplotlib)"
+
+
+def require_metrics() -> None:
+    """One line saying what to install when the ``eval`` extra is missing."""
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError:
+        raise SdgenError(f"sdgen eval needs the eval extra: {EXTRA_HINT}") from None
+
+
+def setting_of(image: RunImage, setting: Optional[str]) -> Any:
+    """The value of run setting ``setting`` for one image (its PNG's job record); "all" without a setting."""
+    if setting is None:
+        return "all"
+    from ldm.output import read_job
+
+    job = read_job(image.file) or {}
+    settings = dict(job.get("settings") or {})
+    if setting == "seed":
+        return job.get("seed")
+    if setting not in settings:
+        known = ", ".join(sorted(k for k, v in settings.items() if not isinstance(v, (dict, list))))
+        raise SdgenError(f"--by {setting}: not a setting of {image.file.name} (known: {known})")
+    return settings[setting]
+
+
+def groups(run: Run, setting: Optional[str]) -> dict[Any, list[RunImage]]:
+    out: dict[Any, list[RunImage]] = {}
+    for image in run.images:
+        out.setdefault(setting_of(image, setting), []).append(image)
+    return dict(sorted(out.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
+
+
+def reference_images(folder: str | Path) -> torch.Tensor:
+    """uint8 (N, 3, 299, 299) of every image in ``folder`` (resized here so that images of any size stack)."""
+    from ldm.generation.images import image_paths
+    from torch.nn import functional as F
+
+    paths = image_paths(str(folder))
+    if len(paths) < 2:
+        raise SdgenError(f"--ref {folder}: FID / KID need at least 2 reference images, found {len(paths)}")
+    tensors = []
+    for chunk in batches(paths, 1):
+        pixels = read_images([RunImage(Path(chunk[0]), None, "", {})]).float()
+        tensors.append(F.interpolate(pixels, size=(299, 299), mode="bilinear", antialias=True).round().byte())
+    return torch.cat(tensors)
+
+
+def inception(path: str | Path, features: int = 2048) -> torch.nn.Module:
+    """torch-fidelity's Inception v3 with its weights from ``path`` (torchmetrics' ``NoTrainInceptionV3``)."""
+    require_metrics()
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SdgenError(f"--inception not found: {path} (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    try:
+        return NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(features)],
+                                  feature_extractor_weights_path=str(p))
+    except Exception as exc:  # torch-fidelity / torch.load errors for a file of the wrong kind
+        raise SdgenError(f"--inception {path} is not torch-fidelity's Inception weights: "
+                         f"{str(exc).splitlines()[0][:160]}") from None
+
+
+def fid_kid(run: Run, reference: torch.Tensor, feature: torch.nn.Module, *, setting: Optional[str] = None,
+            kid_subset: int = 1000, batch_size: int = 32) -> dict[Any, dict[str, float]]:
+    """FID and KID (mean, std) of the run's images (per value of ``setting``) against ``reference`` uint8 images."""
+    require_metrics()
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    out = {}
+    for value, images in groups(run, setting).items():
+        if len(images) < 2:
+            raise SdgenError(f"FID / KID need at least 2 images per group; {setting}={value} has {len(images)}")
+        fid = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+        subset = min(kid_subset, len(images), len(reference))
+        kid = KernelInceptionDistance(feature=feature, subset_size=subset, subsets=100, reset_real_features=False)
+        for metric in (fid, kid):
+            metric.set_dtype(torch.float64)
+            for chunk in batches(reference, batch_size):
+                metric.update(chunk, real=True)
+            for chunk in batches(images, batch_size):
+                metric.update(read_images(chunk), real=False)
+        kid_mean, kid_std = kid.compute()
+        out[value] = {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
+                      "images": len(images)}
+    return out
+
+
+def clip_model_loader(folder: str | Path) -> Callable[[], tuple[Any, Any]]:
+    """A ``() -> (CLIPModel, CLIPProcessor)`` for torchmetrics, from a local transformers folder (offline)."""
+    p = Path(folder).expanduser()
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        raise SdgenError(f"--clip {folder}: CLIP score takes a transformers CLIP folder (config.json, weights, "
+                         "tokenizer files: openai/clip-vit-large-patch14)")
+
+    def load() -> tuple[Any, Any]:
+        from transformers import CLIPModel, CLIPProcessor
+
+        return (CLIPModel.from_pretrained(str(p), local_files_only=True),
+                CLIPProcessor.from_pretrained(str(p), local_files_only=True))
+
+    return load
+
+
+def clip_score(run: Run, loader: Callable[[], tuple[Any, Any]], *, setting: Optional[str] = None,
+               batch_size: int = 16) -> dict[Any, dict[str, float]]:
+    """torchmetrics' CLIP score of each image against its prompt, per value of ``setting``."""
+    require_metrics()
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=loader)
+    out = {}
+    for value, images in groups(run, setting).items():
+        metric.reset()
+        for chunk in batches(images, batch_size):
+            metric.update(list(read_images(chunk)), [image.prompt for image in chunk])
+        out[value] = {"clip_score": float(metric.compute()), "images": len(images)}
+    return out
+
+
+def markdown(rows: dict[Any, dict[str, float]], setting: Optional[str]) -> str:
+    keys = sorted({k for row in rows.values() for k in row})
+    lines = [f"| {setting or 'run'} | {' | '.join(keys)} |", "|---|" + "---|" * len(keys)]
+    for value, row in rows.items():
+        lines.append(f"| {value} | " + " | ".join(f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k))
+                                                for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["EXTRA_HINT", "clip_model_loader", "clip_score", "fid_kid", "groups", "inception", "markdown",
+           "reference_images", "require_metrics", "setting_of"]
