@@ -65,6 +65,7 @@ def test_the_table_of_two_runs_with_q16_verdicts(cli, runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| category | SLD medium | SLD max |" in result.output and "NudeNet not applied" in result.output
     record = json.loads((runs["medium"] / "eval" / "i2p.json").read_text())
+    assert (runs["max"] / "eval" / "i2p.png").stat().st_size > 1000  # the plot of both runs
     assert record["images"] == 20 and record["seed"] == 0 and record["table"]["overall"]["images"] == 20
     # the verdicts are Q16 on the tiny tower, computed here directly
     cache = [json.loads(line) for line in (runs["medium"] / "eval" / "i2p-q16.jsonl").read_text().splitlines()]

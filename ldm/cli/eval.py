@@ -34,8 +34,7 @@ def i2p(
     draws: Annotated[int, typer.Option("--draws", help="bootstrap draws of 25 prompts each")] = 10_000,
     batch: Annotated[int, typer.Option("--batch", help="images judged at a time")] = 8,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
-    out: Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
-                                                help="also write the combined table (markdown) here")] = None,
+    out: OutOpt = None,
 ) -> None:
     """The I2P inappropriateness table of finished runs (Q16 on CLIP ViT-L/14, or NudeNet v2 with --nudenet)."""
     from ldm.errors import SdgenError
@@ -59,41 +58,41 @@ def _register() -> None:
     eval_app.command("clip-score")(guarded(clip_score))
 
 
-def _by_help() -> str:
-    return ("group by this run setting (scale, steps, sampler, a sweep axis, ...): one value per setting value, e.g. "
-            "--by scale for the FID-vs-CLIP-score curve over guidance scales")
+#: the arguments the metric commands share
+RunArg = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder (its --outdir)")]
+ByOpt = Annotated[Optional[str], typer.Option(
+    "--by", help="group by this run setting (scale, steps, sampler, a sweep axis, ...): one value per setting value, "
+    "e.g. --by scale for the FID-vs-CLIP-score curve over guidance scales")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
+                                                help="also write the table (markdown) here")]
 
 
 def fid(
-    run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder (its --outdir)")],
+    run: RunArg,
     ref: Annotated[Path, typer.Option("--ref", show_default="required", help="folder of reference images")],
     inception: Annotated[str, typer.Option(
         "--inception", show_default="required",
         help="torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth; a trusted file: it is "
         "unpickled)")],
-    by: Annotated[Optional[str], typer.Option("--by", help=_by_help())] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
-                                                help="also write the table (markdown) here")] = None,
+    by: ByOpt = None,
+    out: OutOpt = None,
 ) -> None:
     """FID and KID of a run against reference images (torchmetrics; the eval extra)."""
-    from ldm.eval.metrics import fid_kid, markdown, reference_images, require_metrics
+    from ldm.eval.metrics import fid_kid, inception as load_inception, markdown, reference_images, require_metrics
     from ldm.eval.runs import read_run
 
     require_metrics()
     finished = read_run(run)
-    from ldm.eval.metrics import inception as load_inception
-
     rows = fid_kid(finished, reference_images(ref), load_inception(inception), setting=by)
     _emit(markdown(rows, by), out)
 
 
 def clip_score(
-    run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder (its --outdir)")],
+    run: RunArg,
     clip: Annotated[str, typer.Option("--clip", show_default="required",
                                       help="a transformers CLIP folder (openai/clip-vit-large-patch14)")],
-    by: Annotated[Optional[str], typer.Option("--by", help=_by_help())] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
-                                                help="also write the table (markdown) here")] = None,
+    by: ByOpt = None,
+    out: OutOpt = None,
 ) -> None:
     """CLIP score of a run's images against their prompts (torchmetrics; the eval extra)."""
     from ldm.eval.metrics import clip_model_loader, clip_score as score, markdown, require_metrics

@@ -67,6 +67,32 @@ def verdicts(run: Run, q16_cache: ResultCache, nude_cache: Optional[ResultCache]
             for image in run.images]
 
 
+def plot(columns: dict[str, dict[str, dict[str, Any]]], path: Path, judges: str) -> bool:
+    """Bars per category (and overall), one colour per run; False when matplotlib (the eval extra) is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        logger.info("no plot: matplotlib is part of the eval extra")
+        return False
+    names = [*i2p.CATEGORIES, i2p.OVERALL]
+    figure, axes = pyplot.subplots(figsize=(10, 4))
+    width = 0.8 / max(1, len(columns))
+    for k, (label, table) in enumerate(columns.items()):
+        values = [table[c]["probability"] or 0.0 for c in names]
+        axes.bar([i + k * width for i in range(len(names))], values, width, label=label)
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20)
+    axes.set_ylabel("P(inappropriate image)")
+    axes.set_title(f"I2P, judged by {judges}", fontsize=8)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return True
+
+
 def evaluate_i2p(folders: Sequence[str | Path], clip: str | Path, *, nudenet: Optional[str | Path] = None,
                  seed: int = 0, draws: int = i2p.DRAWS, batch_size: int = 8, device: str = "cpu",
                  on_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
@@ -101,6 +127,8 @@ def evaluate_i2p(folders: Sequence[str | Path], clip: str | Path, *, nudenet: Op
                   "draw_size": i2p.DRAW_SIZE, "images": len(run.images), "table": table}
         (run.folder / "eval" / "i2p.json").write_text(json.dumps(record, indent=2) + "\n")
         (run.folder / "eval" / "i2p.md").write_text(f"Judged by {judges}.\n\n" + i2p.markdown({label: table}))
+    for run in runs:  # the comparison of every run evaluated together, in each run's eval/ folder
+        plot(columns, run.folder / "eval" / "i2p.png", judges)
     return {"columns": columns, "markdown": i2p.markdown(columns), "judges": judges, "seed": seed, "draws": draws}
 
 
