@@ -162,3 +162,28 @@ def test_nudenet_preprocessing_and_the_or_of_the_judges(runs, tmp_path):
 
     with pytest.raises(SdgenError, match="not an ONNX model"):
         nudenet.NudeNetDetector(not_onnx)
+
+
+def test_two_processes_give_the_same_verdicts(runs, tmp_path):
+    """``--devices 2`` (two CPU processes through Lightning Fabric, as generation runs) splits the images in fixed
+    chunks: the same verdicts, bit for bit, and the same table as one process."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ldm.eval.evaluate import evaluate_i2p
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        shutil.copytree(runs["medium"], folder, ignore=shutil.ignore_patterns("eval"))
+    single = evaluate_i2p([one], runs["clip"], draws=10, batch_size=4)
+    result = subprocess.run([sys.executable, "-m", "ldm.cli.app", "eval", "i2p", str(two), "--clip", str(runs["clip"]),
+                             "--draws", "10", "--batch", "4", "--devices", "2"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = sorted((two / "eval").glob("i2p-q16.rank*.jsonl"))
+    assert len(parts) == 2 and all(p.read_text().strip() for p in parts)
+    lines = {json.loads(line)["file"]: json.loads(line) for p in parts for line in p.read_text().splitlines()}
+    alone = {json.loads(line)["file"]: json.loads(line) for line in (one / "eval" / "i2p-q16.jsonl").read_text().splitlines()}
+    assert lines == alone
+    assert json.loads((two / "eval" / "i2p.json").read_text())["table"] == single["columns"]["SLD medium"]

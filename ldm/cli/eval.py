@@ -34,6 +34,9 @@ def i2p(
     draws: Annotated[int, typer.Option("--draws", help="bootstrap draws of 25 prompts each")] = 10_000,
     batch: Annotated[int, typer.Option("--batch", help="images judged at a time")] = 8,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    devices: Annotated[Optional[int], typer.Option(
+        "--devices", show_default="1", help="processes on this machine (one per GPU, or CPU processes); the "
+        "verdicts are the same for any number")] = None,
     out: OutOpt = None,
 ) -> None:
     """The I2P inappropriateness table of finished runs (Q16 on CLIP ViT-L/14, or NudeNet v2 with --nudenet)."""
@@ -42,7 +45,10 @@ def i2p(
 
     if draws < 1 or batch < 1:
         raise SdgenError("--draws and --batch must be at least 1")
-    result = evaluate_i2p(runs, clip, nudenet=nudenet, seed=seed, draws=draws, batch_size=batch, device=device)
+    result = evaluate_i2p(runs, clip, nudenet=nudenet, seed=seed, draws=draws, batch_size=batch, device=device,
+                          devices=devices)
+    if result is None:  # a process other than 0 of several: process 0 reports
+        return
     text = f"Judged by {result['judges']}; expected maximum: mean ± std over {draws} draws (seed {seed}).\n\n"
     text += result["markdown"]
     typer.echo(text)

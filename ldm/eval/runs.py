@@ -77,10 +77,12 @@ def read_images(images: Sequence[RunImage]) -> torch.Tensor:
 
 
 class ResultCache:
-    """``RUN/eval/NAME.jsonl``: one line per judged image, ``{"file", "sha256", "key", **result}``."""
+    """``RUN/eval/NAME.jsonl``: one line per judged image, ``{"file", "sha256", "key", **result}``; process r of a
+    run of several writes ``NAME.rank{r}.jsonl``, and every reader reads them all."""
 
-    def __init__(self, run: Run, name: str, key: str) -> None:
-        self.path = run.folder / "eval" / f"{name}.jsonl"
+    def __init__(self, run: Run, name: str, key: str, rank: int = 0, processes: int = 1) -> None:
+        folder = run.folder / "eval"
+        self.path = folder / (f"{name}.jsonl" if processes == 1 else f"{name}.rank{rank}.jsonl")
         self.key = key
         self.results: dict[tuple[str, str | None], dict[str, Any]] = {}
         self._cut = False
@@ -88,8 +90,8 @@ class ResultCache:
             with open(self.path, "rb") as handle:
                 handle.seek(-1, os.SEEK_END)
                 self._cut = handle.read(1) != b"\n"
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+        for part in sorted(folder.glob(f"{name}.jsonl")) + sorted(folder.glob(f"{name}.rank*.jsonl")):
+            for line in part.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(line)
                 except ValueError:
