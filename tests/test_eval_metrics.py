@@ -81,6 +81,16 @@ def test_clip_score_equals_torchmetrics(sweep, tmp_path):
     direct.update(list(read_images(run.images)), [i.prompt for i in run.images])
     assert rows["all"]["clip_score"] == pytest.approx(float(direct.compute()), rel=1e-5)
     assert rows["all"]["images"] == 6
+    # the command: one row per scale, and the plot
+    from typer.testing import CliRunner
+
+    from ldm.cli.app import app
+
+    result = CliRunner().invoke(app, ["eval", "clip-score", str(run.folder), "--clip", str(tmp_path / "clip"), "--by",
+                                      "scale", "--out", str(tmp_path / "table.md")])
+    assert result.exit_code == 0, result.output
+    assert "| 2.0 |" in result.output and "| 6.0 |" in result.output
+    assert (run.folder / "eval" / "clip-score-by-scale.png").is_file()
 
 
 def test_bad_metric_inputs(sweep, tmp_path):
@@ -102,3 +112,11 @@ def test_bad_metric_inputs(sweep, tmp_path):
         metrics.reference_images(one)
     with pytest.raises(SdgenError, match="transformers CLIP folder"):
         metrics.clip_model_loader(tmp_path)
+
+
+def test_by_setting_plots_one_line_per_metric(sweep, tmp_path):
+    run, ref = sweep
+    rows = {2.0: {"fid": 10.0, "kid_mean": 0.1, "kid_std": 0.01, "images": 3},
+            6.0: {"fid": 12.0, "kid_mean": 0.2, "kid_std": 0.02, "images": 3}}
+    assert metrics.plot_by(rows, "scale", tmp_path / "fid.png") and (tmp_path / "fid.png").stat().st_size > 1000
+    assert metrics.markdown(rows, "scale").splitlines()[0] == "| scale | fid | images | kid_mean | kid_std |"

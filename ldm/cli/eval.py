@@ -10,7 +10,7 @@ only what is missing. ``sdgen eval fid RUN_DIR --ref DIR --inception PATH`` and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -90,7 +90,7 @@ def fid(
     require_metrics()
     finished = read_run(run)
     rows = fid_kid(finished, reference_images(ref), load_inception(inception), setting=by)
-    _emit(markdown(rows, by), out)
+    _emit(markdown(rows, by), out, finished, "fid", rows, by)
 
 
 def clip_score(
@@ -106,10 +106,20 @@ def clip_score(
 
     require_metrics()
     finished = read_run(run)
-    _emit(markdown(score(finished, clip_model_loader(clip), setting=by), by), out)
+    rows = score(finished, clip_model_loader(clip), setting=by)
+    _emit(markdown(rows, by), out, finished, "clip-score", rows, by)
 
 
-def _emit(text: str, out: Optional[Path]) -> None:
+def _emit(text: str, out: Optional[Path], run: Any = None, metric: str = "", rows: Any = None,
+          by: Optional[str] = None) -> None:
+    """Print the table (and write it to ``out``); with ``--by``, also plot it to ``RUN/eval/METRIC-by-SETTING.png``."""
     typer.echo(text)
     if out is not None:
         out.write_text(text)
+    if run is not None and by is not None:
+        from ldm.eval.metrics import plot_by
+
+        path = run.folder / "eval" / f"{metric}-by-{by}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if plot_by(rows, by, path):
+            typer.echo(f"plot: {path}")

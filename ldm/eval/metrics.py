@@ -144,6 +144,32 @@ def clip_score(run: Run, loader: Callable[[], tuple[Any, Any]], *, setting: Opti
     return out
 
 
+def plot_by(rows: dict[Any, dict[str, float]], setting: str, path: Path) -> bool:
+    """One line per metric over the values of ``setting`` (numbers on the x axis, else in order); False without
+    matplotlib (the eval extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        return False
+    keys = [k for k in sorted({k for row in rows.values() for k in row}) if k != "images" and not k.endswith("_std")]
+    values = list(rows)
+    x = values if all(isinstance(v, (int, float)) for v in values) else list(range(len(values)))
+    figure, axes = pyplot.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        axis.plot(x, [rows[v][key] for v in values], marker="o")
+        axis.set_xlabel(setting)
+        axis.set_ylabel(key)
+        if x is not values:
+            axis.set_xticks(x, [str(v) for v in values])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return True
+
+
 def markdown(rows: dict[Any, dict[str, float]], setting: Optional[str]) -> str:
     keys = sorted({k for row in rows.values() for k in row})
     lines = [f"| {setting or 'run'} | {' | '.join(keys)} |", "|---|" + "---|" * len(keys)]
@@ -153,5 +179,5 @@ def markdown(rows: dict[Any, dict[str, float]], setting: Optional[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["EXTRA_HINT", "clip_model_loader", "clip_score", "fid_kid", "groups", "inception", "markdown",
+__all__ = ["EXTRA_HINT", "clip_model_loader", "clip_score", "fid_kid", "groups", "inception", "markdown", "plot_by",
            "reference_images", "require_metrics", "setting_of"]
