@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -37,10 +39,12 @@ def test_fid_and_kid_equal_torchmetrics_per_scale(sweep):
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
+    from ldm.eval.features import read_resized, reference_run
+
     run, ref_folder = sweep
-    reference = metrics.reference_images(ref_folder)
+    reference = read_resized(reference_run(ref_folder).images)
     torch.manual_seed(0)  # KID draws its subsets from torch's global generator (torchmetrics)
-    rows = metrics.fid_kid(run, reference, TinyFeatures(), setting="scale")
+    rows = metrics.fid_kid(run, ref_folder, TinyFeatures(), "tiny", setting="scale")
     assert list(rows) == [2.0, 6.0] and rows[2.0]["images"] == 3
     for scale, row in rows.items():
         images = read_images([i for i in run.images if metrics.setting_of(i, "scale") == scale])
@@ -50,13 +54,22 @@ def test_fid_and_kid_equal_torchmetrics_per_scale(sweep):
             metric.set_dtype(torch.float64)
             metric.update(reference, real=True)
             metric.update(images, real=False)
-        assert row["fid"] == pytest.approx(float(fid.compute()), rel=1e-9)
+        # torchmetrics returns its result in the features' dtype: float32 here, float64 from the cached features
+        assert row["fid"] == pytest.approx(float(fid.compute()), rel=1e-6)
         if scale == 2.0:  # the first group drew the same subsets as this one: the same numbers
             torch.manual_seed(0)
-            assert (row["kid_mean"], row["kid_std"]) == pytest.approx(tuple(float(v) for v in kid.compute()), rel=1e-9)
+            # KID's polynomial kernel runs in the features' dtype: float32 there (measured 4.3e-6 apart)
+            assert (row["kid_mean"], row["kid_std"]) == pytest.approx(tuple(float(v) for v in kid.compute()), rel=2e-5)
     assert rows[2.0]["fid"] != rows[6.0]["fid"]  # the groups really are the scales' images
     with pytest.raises(Exception, match="--by colour: not a setting"):
         metrics.groups(run, "colour")
+    # the features are cached per chunk: a lost chunk is computed again, the others are not
+    chunk = next((run.folder / "eval" / "features-tiny").glob("chunk-*.npy"))
+    chunk.unlink()
+    computed = []
+    torch.manual_seed(0)
+    again = metrics.fid_kid(run, ref_folder, TinyFeatures(), "tiny", setting="scale", on_chunk=computed.append)
+    assert computed == [6] and again[2.0] == rows[2.0]
 
 
 def test_clip_score_equals_torchmetrics(sweep, tmp_path):
@@ -76,7 +89,7 @@ def test_clip_score_equals_torchmetrics(sweep, tmp_path):
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=hf_clip_tokenizer())
     model.save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
-    rows = metrics.clip_score(run, metrics.clip_model_loader(tmp_path / "clip"))
+    rows = metrics.clip_score(run, metrics.clip_model_loader(tmp_path / "clip"), "tiny-clip")
     direct = CLIPScore(model_name_or_path=lambda: (model, processor))
     direct.update(list(read_images(run.images)), [i.prompt for i in run.images])
     assert rows["all"]["clip_score"] == pytest.approx(float(direct.compute()), rel=1e-5)
@@ -91,6 +104,13 @@ def test_clip_score_equals_torchmetrics(sweep, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| 2.0 |" in result.output and "| 6.0 |" in result.output
     assert (run.folder / "eval" / "clip-score-by-scale.png").is_file()
+    # per-image scores are cached: a lost line is computed again, and only it
+    cache = run.folder / "eval" / "clip-score.jsonl"
+    lines = [line for line in cache.read_text().splitlines() if json.loads(line)["key"] == "tiny-clip"]
+    cache.write_text("\n".join(lines[:-1]) + "\n")
+    computed = []
+    again = metrics.clip_score(run, metrics.clip_model_loader(tmp_path / "clip"), "tiny-clip", on_chunk=computed.append)
+    assert computed == [1] and again == rows
 
 
 def test_bad_metric_inputs(sweep, tmp_path):
@@ -103,13 +123,15 @@ def test_bad_metric_inputs(sweep, tmp_path):
     bad.write_bytes(b"not weights")
     with pytest.raises(SdgenError, match="not torch-fidelity's Inception weights"):
         metrics.inception(bad)
+    from ldm.eval.features import reference_run
+
     with pytest.raises(SdgenError, match="holds no images"):
-        metrics.reference_images(tmp_path)
+        reference_run(tmp_path)
     one = tmp_path / "one"
     one.mkdir()
     (one / "a.png").write_bytes(next(ref.glob("*.png")).read_bytes())
     with pytest.raises(SdgenError, match="at least 2 reference images"):
-        metrics.reference_images(one)
+        reference_run(one)
     with pytest.raises(SdgenError, match="transformers CLIP folder"):
         metrics.clip_model_loader(tmp_path)
 

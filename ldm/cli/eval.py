@@ -19,6 +19,18 @@ eval_app = typer.Typer(name="eval", help="Evaluate finished runs: the SLD model 
                        rich_markup_mode=None)
 
 
+#: the arguments the metric commands share
+RunArg = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder (its --outdir)")]
+ByOpt = Annotated[Optional[str], typer.Option(
+    "--by", help="group by this run setting (scale, steps, sampler, a sweep axis, ...): one value per setting value, "
+    "e.g. --by scale for the FID-vs-CLIP-score curve over guidance scales")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
+                                                help="also write the table (markdown) here")]
+DevicesOpt = Annotated[Optional[int], typer.Option(
+    "--devices", show_default="1", help="processes on this machine (one per GPU, or CPU processes); the results "
+    "are the same for any number")]
+
+
 def i2p(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="run folders (each an --outdir) of I2P "
                                                "generations, e.g. one per SLD preset")],
@@ -34,9 +46,7 @@ def i2p(
     draws: Annotated[int, typer.Option("--draws", help="bootstrap draws of 25 prompts each")] = 10_000,
     batch: Annotated[int, typer.Option("--batch", help="images judged at a time")] = 8,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
-    devices: Annotated[Optional[int], typer.Option(
-        "--devices", show_default="1", help="processes on this machine (one per GPU, or CPU processes); the "
-        "verdicts are the same for any number")] = None,
+    devices: DevicesOpt = None,
     out: OutOpt = None,
 ) -> None:
     """The I2P inappropriateness table of finished runs (Q16 on CLIP ViT-L/14, or NudeNet v2 with --nudenet)."""
@@ -64,15 +74,6 @@ def _register() -> None:
     eval_app.command("clip-score")(guarded(clip_score))
 
 
-#: the arguments the metric commands share
-RunArg = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder (its --outdir)")]
-ByOpt = Annotated[Optional[str], typer.Option(
-    "--by", help="group by this run setting (scale, steps, sampler, a sweep axis, ...): one value per setting value, "
-    "e.g. --by scale for the FID-vs-CLIP-score curve over guidance scales")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", show_default="printed only",
-                                                help="also write the table (markdown) here")]
-
-
 def fid(
     run: RunArg,
     ref: Annotated[Path, typer.Option("--ref", show_default="required", help="folder of reference images")],
@@ -81,16 +82,22 @@ def fid(
         help="torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth; a trusted file: it is "
         "unpickled)")],
     by: ByOpt = None,
+    devices: DevicesOpt = None,
     out: OutOpt = None,
 ) -> None:
     """FID and KID of a run against reference images (torchmetrics; the eval extra)."""
-    from ldm.eval.metrics import fid_kid, inception as load_inception, markdown, reference_images, require_metrics
+    from ldm.eval.evaluate import _processes
+    from ldm.eval.metrics import fid_kid, inception as load_inception, markdown, require_metrics
     from ldm.eval.runs import read_run
+    from ldm.model_files import file_sha256
 
     require_metrics()
     finished = read_run(run)
-    rows = fid_kid(finished, reference_images(ref), load_inception(inception), setting=by)
-    _emit(markdown(rows, by), out, finished, "fid", rows, by)
+    network = load_inception(inception)
+    rows = fid_kid(finished, ref, network, "inception-" + file_sha256(Path(inception).expanduser())[:16],
+                   setting=by, world=_processes(devices, "cpu"))
+    if rows is not None:
+        _emit(markdown(rows, by), out, finished, "fid", rows, by)
 
 
 def clip_score(
@@ -98,16 +105,28 @@ def clip_score(
     clip: Annotated[str, typer.Option("--clip", show_default="required",
                                       help="a transformers CLIP folder (openai/clip-vit-large-patch14)")],
     by: ByOpt = None,
+    devices: DevicesOpt = None,
     out: OutOpt = None,
 ) -> None:
     """CLIP score of a run's images against their prompts (torchmetrics; the eval extra)."""
+    from ldm.eval.evaluate import _processes
     from ldm.eval.metrics import clip_model_loader, clip_score as score, markdown, require_metrics
     from ldm.eval.runs import read_run
 
     require_metrics()
     finished = read_run(run)
-    rows = score(finished, clip_model_loader(clip), setting=by)
-    _emit(markdown(rows, by), out, finished, "clip-score", rows, by)
+    loader, key = clip_model_loader(clip), _folder_key(Path(clip).expanduser())
+    rows = score(finished, loader, key, setting=by, world=_processes(devices, "cpu"))
+    if rows is not None:
+        _emit(markdown(rows, by), out, finished, "clip-score", rows, by)
+
+
+def _folder_key(folder: Path) -> str:
+    """The cache key of a CLIP folder: its weights file's sha256."""
+    from ldm.model_files import file_sha256
+
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    return "clip-" + (file_sha256(weights)[:16] if weights is not None else str(folder.resolve()))
 
 
 def _emit(text: str, out: Optional[Path], run: Any = None, metric: str = "", rows: Any = None,

@@ -4,8 +4,10 @@
   Inception v3, its weights from ``--inception PATH`` (``weights-inception-2015-12-05-6726825d.pth``; sdgen never
   downloads it; torch-fidelity unpickles that file fully, so it must be the trusted original), against a folder of
   reference images (``--ref``). Images go in as uint8; torchmetrics resizes them to 299 px.
-- CLIP score: torchmetrics' ``CLIPScore`` (100 x cosine of CLIP image and text features, the mean clamped at 0)
-  of each image and its prompt (from the manifest), with a transformers CLIP folder (``--clip``), read offline.
+- CLIP score: torchmetrics' CLIP score (100 x cosine of CLIP image and text features, the mean clamped at 0) of
+  each image and its prompt (from the manifest), with a transformers CLIP folder (``--clip``), read offline.
+- Per-image results (features, per-pair scores) are cached in the run folder as they are computed, and
+  ``--devices N`` splits the images over processes in fixed chunks (:mod:`ldm.eval.features`).
 - ``--by SETTING``: one value per distinct value of a run setting (``scale``, ``steps``, a sweep axis, ...), read
   from each image's own record in its PNG; e.g. ``--by scale`` gives the FID-vs-CLIP-score curve over guidance
   scales that SD papers plot.
@@ -16,10 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ldm.errors import SdgenError
-from ldm.eval.runs import Run, RunImage, batches, read_images
+from ldm.eval.runs import Run, RunImage
 
 EXTRA_HINT = "pip install 'sdgen[eval]' (torchmetrics, torch-fidelity, onnxruntime, matplotlib)"
 
@@ -55,21 +58,6 @@ def groups(run: Run, setting: Optional[str]) -> dict[Any, list[RunImage]]:
     return dict(sorted(out.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
 
 
-def reference_images(folder: str | Path) -> torch.Tensor:
-    """uint8 (N, 3, 299, 299) of every image in ``folder`` (resized here so that images of any size stack)."""
-    from ldm.generation.images import image_paths
-    from torch.nn import functional as F
-
-    paths = image_paths(str(folder))
-    if len(paths) < 2:
-        raise SdgenError(f"--ref {folder}: FID / KID need at least 2 reference images, found {len(paths)}")
-    tensors = []
-    for chunk in batches(paths, 1):
-        pixels = read_images([RunImage(Path(chunk[0]), None, "", {})]).float()
-        tensors.append(F.interpolate(pixels, size=(299, 299), mode="bilinear", antialias=True).round().byte())
-    return torch.cat(tensors)
-
-
 def inception(path: str | Path, features: int = 2048) -> torch.nn.Module:
     """torch-fidelity's Inception v3 with its weights from ``path`` (torchmetrics' ``NoTrainInceptionV3``)."""
     require_metrics()
@@ -86,26 +74,51 @@ def inception(path: str | Path, features: int = 2048) -> torch.nn.Module:
                          f"{str(exc).splitlines()[0][:160]}") from None
 
 
-def fid_kid(run: Run, reference: torch.Tensor, feature: torch.nn.Module, *, setting: Optional[str] = None,
-            kid_subset: int = 1000, batch_size: int = 32) -> dict[Any, dict[str, float]]:
-    """FID and KID (mean, std) of the run's images (per value of ``setting``) against ``reference`` uint8 images."""
+class Precomputed(torch.nn.Module):
+    """The "network" that torchmetrics' FID / KID get when the features are computed (and cached) already."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fid_kid(run: Run, reference: str | Path, network: torch.nn.Module, key: str, *, setting: Optional[str] = None,
+            kid_subset: int = 1000, world: Any = None,
+            on_chunk: Optional[Callable[[int], None]] = None) -> Optional[dict[Any, dict[str, float]]]:
+    """FID and KID (mean, std) of the run's images (per value of ``setting``) against the images of folder
+    ``reference``, from the network's features (``key`` names its weights), cached per chunk in ``RUN/eval/``
+    (:mod:`ldm.eval.features`). None in processes other than 0 of several."""
     require_metrics()
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
+    from ldm.eval.features import features, reference_key, reference_run
+
+    ref = reference_run(reference)
+    grouped = groups(run, setting)
+    own = features(run, network, run.folder / "eval" / f"features-{key}", world=world, on_chunk=on_chunk)
+    theirs = features(ref, network, run.folder / "eval" / f"reference-{key}-{reference_key(ref)}", world=world,
+                      resize=True, on_chunk=on_chunk)
+    if own is None or theirs is None:
+        return None
+    row_of = {id(image): k for k, image in enumerate(run.images)}
+    real = torch.from_numpy(theirs)
     out = {}
-    for value, images in groups(run, setting).items():
+    for value, images in grouped.items():
         if len(images) < 2:
             raise SdgenError(f"FID / KID need at least 2 images per group; {setting}={value} has {len(images)}")
-        fid = FrechetInceptionDistance(feature=feature, reset_real_features=False)
-        subset = min(kid_subset, len(images), len(reference))
-        kid = KernelInceptionDistance(feature=feature, subset_size=subset, subsets=100, reset_real_features=False)
+        fake = torch.from_numpy(own[[row_of[id(image)] for image in images]])
+        fid = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), reset_real_features=False)
+        subset = min(kid_subset, len(images), len(real))
+        kid = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=subset, subsets=100,
+                                      reset_real_features=False)
         for metric in (fid, kid):
             metric.set_dtype(torch.float64)
-            for chunk in batches(reference, batch_size):
-                metric.update(chunk, real=True)
-            for chunk in batches(images, batch_size):
-                metric.update(read_images(chunk), real=False)
+            metric.update(real, real=True)
+            metric.update(fake, real=False)
         kid_mean, kid_std = kid.compute()
         out[value] = {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
                       "images": len(images)}
@@ -128,19 +141,22 @@ def clip_model_loader(folder: str | Path) -> Callable[[], tuple[Any, Any]]:
     return load
 
 
-def clip_score(run: Run, loader: Callable[[], tuple[Any, Any]], *, setting: Optional[str] = None,
-               batch_size: int = 16) -> dict[Any, dict[str, float]]:
-    """torchmetrics' CLIP score of each image against its prompt, per value of ``setting``."""
+def clip_score(run: Run, loader: Callable[[], tuple[Any, Any]], key: str, *, setting: Optional[str] = None,
+               world: Any = None, on_chunk: Optional[Callable[[int], None]] = None
+               ) -> Optional[dict[Any, dict[str, float]]]:
+    """torchmetrics' CLIP score (the mean of the per-pair scores, clamped at 0) of each group's images against
+    their prompts, from per-image scores cached in ``RUN/eval/clip-score.jsonl``. None in processes other than 0."""
     require_metrics()
-    from torchmetrics.multimodal.clip_score import CLIPScore
+    from ldm.eval.features import clip_scores
 
-    metric = CLIPScore(model_name_or_path=loader)
+    grouped = groups(run, setting)
+    cache = clip_scores(run, loader, key, world=world, on_chunk=on_chunk)
+    if cache is None:
+        return None
     out = {}
-    for value, images in groups(run, setting).items():
-        metric.reset()
-        for chunk in batches(images, batch_size):
-            metric.update(list(read_images(chunk)), [image.prompt for image in chunk])
-        out[value] = {"clip_score": float(metric.compute()), "images": len(images)}
+    for value, images in grouped.items():
+        mean = float(np.mean([cache.get(run, image)["clip_score"] for image in images]))
+        out[value] = {"clip_score": max(mean, 0.0), "images": len(images)}
     return out
 
 
@@ -179,5 +195,5 @@ def markdown(rows: dict[Any, dict[str, float]], setting: Optional[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["EXTRA_HINT", "clip_model_loader", "clip_score", "fid_kid", "groups", "inception", "markdown", "plot_by",
-           "reference_images", "require_metrics", "setting_of"]
+__all__ = ["EXTRA_HINT", "Precomputed", "clip_model_loader", "clip_score", "fid_kid", "groups", "inception", "markdown",
+           "plot_by", "require_metrics", "setting_of"]
