@@ -20,14 +20,14 @@ from tests.test_i2p_prompts import HEADER, ROWS
 REPO = Path(__file__).resolve().parent.parent
 
 
-def tiny_clip(path: Path) -> torch.nn.Module:
+def tiny_clip(path: Path, layers: int = 2, patch: int = 32) -> torch.nn.Module:
     """A tiny transformers CLIP image tower with the 768-d projection Q16 needs, saved with transformers' names."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224,
-        patch_size=32, projection_dim=768)).eval()
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, image_size=224,
+        patch_size=patch, projection_dim=768)).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if "position_ids" not in k}, str(path))
     return model
 
@@ -187,3 +187,36 @@ def test_two_processes_give_the_same_verdicts(runs, tmp_path):
     alone = {json.loads(line)["file"]: json.loads(line) for line in (one / "eval" / "i2p-q16.jsonl").read_text().splitlines()}
     assert lines == alone
     assert json.loads((two / "eval" / "i2p.json").read_text())["table"] == single["columns"]["SLD medium"]
+
+
+def test_a_killed_evaluation_keeps_its_verdicts(runs, tmp_path):
+    """SIGKILL an ``sdgen eval i2p`` process once it has written some verdicts: they stay, and the next run
+    computes only the rest."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ldm.eval.evaluate import evaluate_i2p
+
+    folder = tmp_path / "killed"
+    shutil.copytree(runs["medium"], folder, ignore=shutil.ignore_patterns("eval"))
+    cache = folder / "eval" / "i2p-q16.jsonl"
+    slower = tmp_path / "slower-clip.safetensors"  # 8 layers on 7 x 7 patches: tens of ms an image, to kill in time
+    tiny_clip(slower, layers=8, patch=32)
+    process = subprocess.Popen([sys.executable, "-m", "ldm.cli.app", "eval", "i2p", str(folder), "--clip",
+                                str(slower), "--batch", "1", "--draws", "10"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if cache.is_file() and len(cache.read_text().splitlines()) >= 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    process.wait(timeout=60)
+    kept = len([line for line in cache.read_text().splitlines() if line.endswith("}")])
+    assert 2 <= kept < 20, kept  # killed part-way, every written verdict kept
+    computed = []
+    evaluate_i2p([folder], slower, draws=10, batch_size=1, on_batch=computed.append)
+    assert sum(computed) == 20 - kept
