@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import torch
 
 from ldm.errors import SdgenError
 from ldm.eval import i2p, q16

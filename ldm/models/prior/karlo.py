@@ -15,7 +15,7 @@ eq. 16; the last step, to t = 0, returns the clamped x0). The result is de-norma
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
