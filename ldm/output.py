@@ -321,7 +321,7 @@ class RunManifest:
             raise SdgenError(f"cannot write the run manifest {self.path}: {exc.strerror or exc}") from exc
 
     def add_image(self, record: ImageRecord) -> None:
-        self.data["images"].append(vars(record).copy())
+        self.data["images"].append(record.as_dict())
         self.write()
 
     def set_images(self, records: Sequence[Mapping[str, Any]]) -> None:

@@ -86,7 +86,13 @@ def features(run: Run, network: torch.nn.Module, folder: Path, *, world: Any = N
 def clip_scores(run: Run, loader: Callable[[], tuple[Any, Any]], key: str, *, world: Any = None,
                 on_chunk: Optional[Callable[[int], None]] = None) -> Optional[ResultCache]:
     """Each image's CLIP score against its prompt (torchmetrics' per-pair value), cached per image."""
-    from torchmetrics.functional.multimodal.clip_score import _clip_score_update
+    try:  # the per-pair score of torchmetrics' CLIPScore.update
+        from torchmetrics.functional.multimodal.clip_score import _clip_score_update
+    except ImportError:
+        from ldm.errors import SdgenError
+        from ldm.eval.metrics import EXTRA_HINT
+
+        raise SdgenError(f"CLIP score needs the eval extra: {EXTRA_HINT}") from None
 
     world = _world(world)
     cache = ResultCache(run, "clip-score", key, world.rank, world.size)

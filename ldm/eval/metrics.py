@@ -64,8 +64,10 @@ def inception(path: str | Path, features: int = 2048) -> torch.nn.Module:
     p = Path(path).expanduser()
     if not p.is_file():
         raise SdgenError(f"--inception not found: {path} (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError:
+        raise SdgenError(f"FID / KID need the eval extra: {EXTRA_HINT}") from None
     try:
         return NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(features)],
                                   feature_extractor_weights_path=str(p))
@@ -91,10 +93,11 @@ def fid_kid(run: Run, reference: str | Path, network: torch.nn.Module, key: str,
     """FID and KID (mean, std) of the run's images (per value of ``setting``) against the images of folder
     ``reference``, from the network's features (``key`` names its weights), cached per chunk in ``RUN/eval/``
     (:mod:`ldm.eval.features`). None in processes other than 0 of several."""
-    require_metrics()
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+    except ImportError:
+        raise SdgenError(f"FID / KID need the eval extra: {EXTRA_HINT}") from None
     from ldm.eval.features import features, reference_key, reference_run
 
     ref = reference_run(reference)
