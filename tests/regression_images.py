@@ -146,13 +146,9 @@ def platform_key() -> dict[str, str | int]:
 
     import torch
 
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-        flags = " ".join(sorted(f for f in line.split() if f.startswith(("avx", "amx", "fma", "sse4"))))
-    except OSError:
-        pass
+    from tests.tolerance import cpu_flags
+
+    flags = cpu_flags(("avx", "amx", "fma", "sse4"))
     return {"torch": torch.__version__, "machine": platform.machine(), "cpu_flags": flags,
             "threads": torch.get_num_threads()}
 

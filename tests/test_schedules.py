@@ -164,7 +164,7 @@ def test_sgm_legacy_grid_keeps_its_valid_counts(acp64):
     legacy = schedules.LegacyDDPMDiscretization(legacy_range=True)
     assert legacy.timesteps(7).tolist() == [1, 143, 285, 427, 569, 711, 853, 995]  # 8 entries, as CompVis
     assert legacy.timesteps(500)[-1] == 999
-    assert torch.equal(legacy(1000), schedules.LegacyDDPMDiscretization()(1000))  # the full table
+    assert torch.equal(legacy(1000), schedules.LegacyDDPMDiscretization()(1000))  # the full table (both made here)
     assert schedules.sgm_timesteps(1000, 1000, legacy_range=True).tolist() == list(range(1000))
 
 

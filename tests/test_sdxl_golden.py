@@ -79,6 +79,7 @@ def test_tiny_test_config_loads_the_golden_weights_strictly(case):
     expected = dict(case_state_dict(case))
     got = engine.state_dict()
     assert sorted(got) == sorted(expected)
+    # the loaded tensors are the dict's own values (random ones drawn here, buffers from the file): exact anywhere
     assert all(torch.equal(got[k].float(), expected[k].float()) for k in expected)
 
 
@@ -142,6 +143,7 @@ def test_refiner_conditioning_aesthetic_scores_and_encoded_negative():
         assert_matches_recorded(vector[:, 16:], data[name], fourier_tolerance(data, name), name)
     # the refiner encodes the (empty) negative prompt: equal to the conditional encoding of ""
     empty, _ = engine.get_cond_uncond([""], [""], micro)
+    # both encodings computed here: exact
     torch.testing.assert_close(uncond["crossattn"], empty["crossattn"], rtol=0, atol=0)
     torch.testing.assert_close(uncond["vector"][:, :16], empty["vector"][:, :16], rtol=0, atol=0)
     assert torch.count_nonzero(uncond["crossattn"]) > 0

@@ -188,7 +188,7 @@ def test_loaded_weights_equal_the_file(model_l, ckpts) -> None:
     ref = load_file(str(ckpts["l"]))
     ours = model_l.state_dict()
     assert set(ours) == set(ref)
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)  # the file this test wrote: exact on any machine
 
 
 @pytest.mark.parametrize("variant", ["l", "h"])
@@ -209,6 +209,7 @@ def test_image_tower_from_a_separate_file(tmp_path, ckpts, variant) -> None:
                               embedder_ckpt=tmp_path / "clip.safetensors")
     images = _images(1)
     reference = load_unclip_model(TINY[variant], ckpts[variant])
+    # both computed here from the same weights: exact (a same-machine promise, not recorded data)
     torch.testing.assert_close(model.embed_images(images), reference.embed_images(images), rtol=0, atol=0)
 
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "not-clip.safetensors"))
@@ -241,6 +242,7 @@ def test_unused_text_side_leftovers_are_optional(tmp_path, ckpts) -> None:
     assert set(model.state_dict()) == set(visual_only)
     images = _images(1)
     reference = load_unclip_model(TINY["l"], ckpts["l"])
+    # both computed here from the same weights: exact (a same-machine promise, not recorded data)
     torch.testing.assert_close(model.embed_images(images), reference.embed_images(images), rtol=0, atol=0)
 
     # a part that is stored must be complete

@@ -27,19 +27,29 @@ Bound = Union[float, torch.Tensor]
 
 
 @lru_cache(maxsize=None)
-def cpu_description() -> str:
-    """The CPU model and its vector-unit flags (what float results depend on beyond the torch build)."""
-    model, flags = "unknown CPU", ""
+def cpu_info() -> tuple[str, tuple[str, ...]]:
+    """(model name, all flags) of this CPU from Linux ``/proc/cpuinfo`` (("unknown CPU", ()) elsewhere)."""
+    model, flags = "unknown CPU", ()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and model == "unknown CPU":
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
-                flags = " ".join(sorted(f for f in line.split(":", 1)[1].split()
-                                        if f.startswith(("avx", "amx", "fma"))))
+                flags = tuple(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{model} [{flags or 'no AVX flags'}], torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return model, flags
+
+
+def cpu_flags(prefixes: tuple[str, ...] = ("avx", "amx", "fma")) -> str:
+    """The CPU's flags starting with ``prefixes``, sorted, space-separated (the vector units)."""
+    return " ".join(sorted(f for f in cpu_info()[1] if f.startswith(prefixes)))
+
+
+def cpu_description() -> str:
+    """The CPU model and its vector-unit flags (what float results depend on beyond the torch build)."""
+    return (f"{cpu_info()[0]} [{cpu_flags() or 'no AVX flags'}], torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def ulp(values: torch.Tensor) -> torch.Tensor:
@@ -192,5 +202,5 @@ NETWORK_FLOAT32 = Tolerance(why="one float32 forward pass of a tiny network: ker
 IEEE_EXACT = exact("float64 schedule arithmetic cast once to float32, integers or IEEE-exact operations")
 
 
-__all__ = ["IEEE_EXACT", "ImageTolerance", "NETWORK_FLOAT32", "SGM_SIGMAS", "Tolerance", "assert_images_match_recorded",
+__all__ = ["IEEE_EXACT", "ImageTolerance", "NETWORK_FLOAT32", "cpu_flags", "cpu_info", "SGM_SIGMAS", "Tolerance", "assert_images_match_recorded",
            "assert_matches_recorded", "cpu_description", "exact", "sinusoid_tolerance", "ulp"]

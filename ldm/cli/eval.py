@@ -86,18 +86,14 @@ def fid(
     out: OutOpt = None,
 ) -> None:
     """FID and KID of a run against reference images (torchmetrics; the eval extra)."""
-    from ldm.eval.evaluate import _processes
-    from ldm.eval.metrics import fid_kid, inception as load_inception, markdown, require_metrics
-    from ldm.eval.runs import read_run
+    from ldm.eval.metrics import fid_kid, inception as load_inception
     from ldm.model_files import file_sha256
 
-    require_metrics()
-    finished = read_run(run)
+    finished, world = _open(run, devices)
     network = load_inception(inception)
     rows = fid_kid(finished, ref, network, "inception-" + file_sha256(Path(inception).expanduser())[:16],
-                   setting=by, world=_processes(devices, "cpu"))
-    if rows is not None:
-        _emit(markdown(rows, by), out, finished, "fid", rows, by)
+                   setting=by, world=world)
+    _emit(rows, out, finished, "fid", by)
 
 
 def clip_score(
@@ -109,16 +105,20 @@ def clip_score(
     out: OutOpt = None,
 ) -> None:
     """CLIP score of a run's images against their prompts (torchmetrics; the eval extra)."""
-    from ldm.eval.evaluate import _processes
-    from ldm.eval.metrics import clip_model_loader, clip_score as score, markdown, require_metrics
-    from ldm.eval.runs import read_run
+    from ldm.eval.metrics import clip_model_loader, clip_score as score
+
+    finished, world = _open(run, devices)
+    rows = score(finished, clip_model_loader(clip), _folder_key(Path(clip).expanduser()), setting=by, world=world)
+    _emit(rows, out, finished, "clip-score", by)
+
+
+def _open(run: Path, devices: Optional[int]) -> tuple[Any, Any]:
+    """(the finished run, the evaluation's processes), after checking the eval extra is there."""
+    from ldm.eval.metrics import require_metrics
+    from ldm.eval.runs import processes, read_run
 
     require_metrics()
-    finished = read_run(run)
-    loader, key = clip_model_loader(clip), _folder_key(Path(clip).expanduser())
-    rows = score(finished, loader, key, setting=by, world=_processes(devices, "cpu"))
-    if rows is not None:
-        _emit(markdown(rows, by), out, finished, "clip-score", rows, by)
+    return read_run(run), processes(devices)
 
 
 def _folder_key(folder: Path) -> str:
@@ -129,13 +129,18 @@ def _folder_key(folder: Path) -> str:
     return "clip-" + (file_sha256(weights)[:16] if weights is not None else str(folder.resolve()))
 
 
-def _emit(text: str, out: Optional[Path], run: Any = None, metric: str = "", rows: Any = None,
-          by: Optional[str] = None) -> None:
-    """Print the table (and write it to ``out``); with ``--by``, also plot it to ``RUN/eval/METRIC-by-SETTING.png``."""
+def _emit(rows: Any, out: Optional[Path], run: Any, metric: str, by: Optional[str]) -> None:
+    """Print the table (and write it to ``out``); with ``--by``, also plot it to ``RUN/eval/METRIC-by-SETTING.png``.
+    Processes other than 0 of several (``rows`` None) say nothing."""
+    from ldm.eval.metrics import markdown
+
+    if rows is None:
+        return
+    text = markdown(rows, by)
     typer.echo(text)
     if out is not None:
         out.write_text(text)
-    if run is not None and by is not None:
+    if by is not None:
         from ldm.eval.metrics import plot_by
 
         path = run.folder / "eval" / f"{metric}-by-{by}.png"

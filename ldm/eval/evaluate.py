@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 from ldm.errors import SdgenError
 from ldm.eval import i2p, q16
 from ldm.eval.nudenet import UNSAFE
-from ldm.eval.runs import ResultCache, Run, batches, read_images, read_run
+from ldm.eval.runs import ResultCache, Run, batches, processes, read_images, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +82,6 @@ def verdicts(run: Run, q16_cache: ResultCache, nude_cache: Optional[ResultCache]
             for image in run.images]
 
 
-def _processes(devices: Optional[int], device: str) -> Any:
-    """The processes of an evaluation (:mod:`ldm.generation.distributed`, as generation runs use)."""
-    from ldm.generation.distributed import World, start
-
-    if devices is None or devices == 1:
-        return World()
-    return start(devices, 1, "cpu" if device == "cpu" else "cuda", 300.0)
-
-
 def plot(columns: dict[str, dict[str, dict[str, Any]]], path: Path, judges: str) -> bool:
     """Bars per category (and overall), one colour per run; False when matplotlib (the eval extra) is missing."""
     try:
@@ -139,7 +130,7 @@ def evaluate_i2p(folders: Sequence[str | Path], clip: str | Path, *, nudenet: Op
         detector = NudeNetDetector(nudenet)
         nude_key = "nudenet:" + file_sha256(Path(nudenet).expanduser())[:16]
     judges = BOTH if detector is not None else Q16_ONLY
-    world = _processes(devices, device)
+    world = processes(devices, device)
     for run in runs:  # each process judges its share; the verdicts do not depend on the number of processes
         judge_q16(run, tower, key, batch_size, on_batch, world)
         if detector is not None:

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -124,9 +124,19 @@ class ResultCache:
         return self.results[self._id(image, run)]
 
 
+def processes(devices: Optional[int], device: str = "cpu") -> Any:
+    """The processes of an evaluation (:mod:`ldm.generation.distributed`, as generation runs use): this one alone,
+    or ``devices`` of them started and connected by Lightning Fabric."""
+    from ldm.generation.distributed import World, start
+
+    if devices is None or devices == 1:
+        return World()
+    return start(devices, 1, "cpu" if device == "cpu" else "cuda", 300.0)
+
+
 def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-__all__ = ["ResultCache", "Run", "RunImage", "batches", "read_images", "read_run"]
+__all__ = ["ResultCache", "Run", "RunImage", "batches", "processes", "read_images", "read_run"]
