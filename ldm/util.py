@@ -28,8 +28,10 @@ TARGET_ALIASES: dict[str, str] = {
     "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling": "ldm.sampling.denoiser.EpsScaling",
     "sgm.modules.diffusionmodules.denoiser_scaling.VScaling": "ldm.sampling.denoiser.VScaling",
     "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization": "ldm.sampling.schedules.LegacyDDPMDiscretization",
-    "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation":
-        "ldm.modules.encoders.image_embedders.CLIPEmbeddingNoiseAugmentation",
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": "ldm.models.diffusion.concat_models.LatentInpaintDiffusion",
+    "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion":
+        "ldm.models.diffusion.concat_models.LatentDepth2ImageDiffusion",
+    "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion": "ldm.models.diffusion.concat_models.LatentUpscaleDiffusion",
     "ldm.models.diffusion.ddpm.ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip.ImageEmbeddingConditionedLatentDiffusion",
     "ldm.modules.encoders.modules.ClipImageEmbedder": "ldm.modules.encoders.image_embedders.ClipImageEmbedder",
     "ldm.modules.encoders.modules.FrozenOpenCLIPImageEmbedder":

@@ -45,6 +45,8 @@ class ConditioningInputs:
             scripts' conditioning).
         images: init images (3, H, W) in [-1, 1] an image-variation model embeds (by the jobs' ``init_image``).
         noise_level: the unCLIP noise augmentation level of the image embeddings.
+        task: "inpaint" when the images' 4th channel is a mask to repaint (a model without a mask input then blends
+            the known region in at each step), else None.
         prior: the loaded Karlo prior (:class:`ldm.models.prior.karlo.KarloPrior`) of unCLIP-L text-to-image, with
             its respaced ``prior_steps`` and guidance ``prior_scale``.
     """
@@ -56,6 +58,7 @@ class ConditioningInputs:
     prior: Any = None
     prior_steps: Optional[int] = None
     prior_scale: Optional[float] = None
+    task: Optional[str] = None
 
 
 def _chunks_of(like: Optional[Mapping[str, Any]]) -> int:
@@ -144,6 +147,12 @@ def prior_noise_seed(seed: int) -> int:
     """Seed of the generator an image's Karlo prior draws its noise from (initial state, then one draw per step):
     a third stream of the image's seed, apart from its latent's and its embedding augmentation's."""
     return (int(seed) + 2 * _EMBEDDING_STREAM) % (1 << 64)
+
+
+def input_noise_seed(seed: int) -> int:
+    """Seed of the generator an image's input conditioning draws from (the inpainting masked-image posterior
+    sample, the upscaler's low-res noise augmentation, the known region's noise): a fourth stream of its seed."""
+    return (int(seed) + 3 * _EMBEDDING_STREAM) % (1 << 64)
 
 
 class ImageVariationConditioning(TextConditioner):

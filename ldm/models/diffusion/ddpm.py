@@ -342,7 +342,14 @@ class LatentDiffusion(nn.Module):
                         time_mode=time_mode(grid))
 
     def make_conditioner(self, inputs: Any = None):
-        """The text conditioner of SD 1.x / 2.x (:class:`ldm.models.diffusion.conditioners.TextConditioner`)."""
+        """The text conditioner of SD 1.x / 2.x (:class:`ldm.models.diffusion.conditioners.TextConditioner`); for
+        inpainting (``inputs.task == "inpaint"``), which this model has no mask input for, the conditioner that
+        blends the known region in at each step
+        (:class:`ldm.models.diffusion.concat_conditioners.KnownRegionConditioner`)."""
+        if getattr(inputs, "task", None) == "inpaint":
+            from ldm.models.diffusion.concat_conditioners import KnownRegionConditioner
+
+            return KnownRegionConditioner(self, inputs)
         from ldm.models.diffusion.conditioners import TextConditioner
 
         return TextConditioner(self, getattr(inputs, "text", None))
@@ -372,7 +379,8 @@ class LatentDiffusion(nn.Module):
         concat = cast(cond.get("concat", cond.get("c_concat")))
         crossattn = cast(cond.get("crossattn", cond.get("c_crossattn")))
         vector = cast(cond.get("vector", cond.get("c_adm")))
-        adm = torch.cat(vector, dim=1) if vector else None
+        # an ADM vector (B, A), or integer class labels (B,) (the x4 upscaler's noise level)
+        adm = (vector[0] if len(vector) == 1 else torch.cat(vector, dim=1)) if vector else None
         out = self.model(x.to(dtype), t, c_concat=concat, c_crossattn=crossattn, c_adm=adm)
         if isinstance(out, tuple):
             out = out[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +18,7 @@ from ldm.errors import SdgenError
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.modules.encoders.modules import AbstractEncoder, build_open_clip
 from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH
-from ldm.sampling.schedules import make_beta_schedule
+from ldm.modules.diffusionmodules.upscaling import AbstractLowScaleModel
 
 # OpenAI `clip` package architectures (clip/model.py::build_model argument names).
 OPENAI_CLIP_CONFIGS: dict[str, dict[str, int]] = {
@@ -147,7 +146,7 @@ class FrozenOpenCLIPImageEmbedder(_ImageEmbedder):
         return self.model.visual(self.preprocess(x))
 
 
-class CLIPEmbeddingNoiseAugmentation(nn.Module):
+class CLIPEmbeddingNoiseAugmentation(AbstractLowScaleModel):
     """unCLIP image-embedding noise augmentation (SAI2 ``CLIPEmbeddingNoiseAugmentation``).
 
     Own DDPM schedule (persistent float32 buffers ``betas``, ``alphas_cumprod``, ...; computed in float64).
@@ -160,17 +159,7 @@ class CLIPEmbeddingNoiseAugmentation(nn.Module):
     outputs are cast to the input's dtype.
     """
 
-    SCHEDULE_BUFFERS = (
-        "betas",
-        "alphas_cumprod",
-        "alphas_cumprod_prev",
-        "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod",
-        "log_one_minus_alphas_cumprod",
-        "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod",
-    )
-    keep_fp32_buffers = (*SCHEDULE_BUFFERS, "data_mean", "data_std")
+    keep_fp32_buffers = (*AbstractLowScaleModel.SCHEDULE_BUFFERS, "data_mean", "data_std")
 
     def __init__(
         self,
@@ -179,38 +168,11 @@ class CLIPEmbeddingNoiseAugmentation(nn.Module):
         clip_stats_path: str | None = None,
         max_noise_level: int = 1000,
     ) -> None:
-        super().__init__()
-        self.max_noise_level = max_noise_level
+        super().__init__(noise_schedule_config, max_noise_level)
         self.timestep_dim = timestep_dim
-        self._register_schedule(**dict(noise_schedule_config))
         mean, std = self._load_stats(clip_stats_path, timestep_dim)
         self.register_buffer("data_mean", mean[None, :], persistent=False)
         self.register_buffer("data_std", std[None, :], persistent=False)
-
-    def _register_schedule(
-        self,
-        beta_schedule: str = "linear",
-        timesteps: int = 1000,
-        linear_start: float = 1e-4,
-        linear_end: float = 2e-2,
-        cosine_s: float = 8e-3,
-    ) -> None:
-        """SAI2 ``upscaling.py::AbstractLowScaleModel.register_schedule`` (float64 maths, float32 buffers)."""
-        betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        acp = np.cumprod(1.0 - betas, axis=0)
-        self.num_timesteps = int(timesteps)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": acp,
-            "alphas_cumprod_prev": np.append(1.0, acp[:-1]),
-            "sqrt_alphas_cumprod": np.sqrt(acp),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - acp),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - acp),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / acp),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / acp - 1),
-        }
-        for name, value in buffers.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
 
     @staticmethod
     def _load_stats(path: str | None, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
