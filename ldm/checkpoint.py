@@ -10,7 +10,7 @@
 * Loading is strict. Keys a released file is known to carry beyond the model (``model_ema.*``, the old CLIP
   ``position_ids`` buffer) are dropped with one logged note; anything else that does not fit raises a
   :class:`~ldm.errors.SdgenError` that counts the problems, names the first keys and guesses which config the
-  file needs (:func:`ldm.model_files.guess_config`).
+  file needs (:func:`ldm.model_id.identify`).
 """
 
 from __future__ import annotations
@@ -228,9 +228,9 @@ def _mismatch_error(
         parts.append(f"{len(report.wrong_shape)} shape mismatches ({_first(report.wrong_shape)})")
     where = f" with config {config_name}" if config_name else ""
     msg = f"checkpoint {source} does not fit the model{where}: " + "; ".join(parts)
-    from ldm.model_files import guess_config
+    from ldm.model_id import identify
 
-    guess = guess_config(file_shapes)
+    guess = identify(file_shapes).config
     hint = _layout_hint(file_shapes)
     if guess and (config_name is None or not str(config_name).endswith(guess)):
         msg += f"; the file looks like it needs {guess}"

@@ -5,8 +5,8 @@
 * Configs: :func:`model_kind` ("sd", "unclip", "sdxl"), the geometry the size checks need
   (:func:`vae_downsampling_factor`, :func:`latent_size_multiple`, :func:`unet_in_channels`) and the training
   schedule (:func:`config_alphas_cumprod`), all read from the YAML without building a model.
-* Checkpoints: :func:`guess_config` (which bundled config a file's keys need), :func:`checkpoint_keys` (header
-  only for safetensors), :func:`check_checkpoint_role` (SDXL base vs refiner).
+* Checkpoints: :func:`checkpoint_shapes` (header only for safetensors) and :func:`check_checkpoint_role` (SDXL
+  base vs refiner); what a file is, and which config it needs, is :mod:`ldm.model_id`'s answer.
 * Hashes: :func:`file_sha256` with a cache (A1111's ``Model hash`` is its first 10 digits).
 """
 
@@ -18,12 +18,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from ldm.bundled import bundled_path
 from ldm.errors import SdgenError
+from ldm.model_id import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +39,14 @@ DEFAULT_UNCLIP_CKPT = "checkpoints/sd21-unclip-l.ckpt"
 DEMO_CONFIG = "configs/demo/shapes-ldm.yaml"
 DEMO_CKPT = "models/demo/shapes-ldm.safetensors"
 
-#: Bundled configs of the released files (paths relative to the repository root).
-CONFIG_SD1 = "configs/stable-diffusion/v1-inference.yaml"
-CONFIG_SD2 = "configs/stable-diffusion/v2-inference.yaml"
-CONFIG_SD2V = "configs/stable-diffusion/v2-inference-v.yaml"
-CONFIG_UNCLIP_L = "configs/stable-diffusion/v2-1-stable-unclip-l-inference.yaml"
-CONFIG_UNCLIP_H = "configs/stable-diffusion/v2-1-stable-unclip-h-inference.yaml"
-CONFIG_SDXL_BASE = "configs/sdxl/sd_xl_base.yaml"
-CONFIG_SDXL_REFINER = "configs/sdxl/sd_xl_refiner.yaml"
+#: Bundled configs of the released files (paths relative to the repository root; ldm.model_id.KINDS).
+CONFIG_SD1 = str(KINDS["sd1"].config)
+CONFIG_SD2 = str(KINDS["sd2"].config)
+CONFIG_SD2V = str(KINDS["sd2-v"].config)
+CONFIG_UNCLIP_L = str(KINDS["unclip-l"].config)
+CONFIG_UNCLIP_H = str(KINDS["unclip-h"].config)
+CONFIG_SDXL_BASE = str(KINDS["sdxl-base"].config)
+CONFIG_SDXL_REFINER = str(KINDS["sdxl-refiner"].config)
 FILE_SDXL_BASE = "sd_xl_base_0.9.safetensors"
 FILE_SDXL_REFINER = "sd_xl_refiner_0.9.safetensors"
 
@@ -230,79 +231,26 @@ def config_alphas_cumprod(config: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _shape(value: Any) -> tuple[int, ...] | None:
-    if hasattr(value, "shape"):
-        return tuple(value.shape)
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return None
-
-
-def guess_config(state_dict: Mapping[str, Any] | Iterable[str]) -> str | None:
-    """Guess which bundled config a checkpoint needs from its keys (and shapes, when given).
-
-    Args:
-        state_dict: ``{key: tensor or shape}`` or just the keys.
-
-    Returns:
-        A config path relative to the repository root (e.g. ``configs/sdxl/sd_xl_base.yaml``), or None.
-        Signatures: ``conditioner.embedders`` -> SDXL (base when a CLIP-L ``transformer`` embedder is present,
-        refiner otherwise); ``embedder.*`` / ``noise_augmentor.*`` -> SD 2.1 unCLIP (L or H from the ADM width
-        1536 / 2048 or the image tower); ``cond_stage_model.model.*`` -> SD 2.x (768-v);
-        ``cond_stage_model.transformer.*`` -> SD 1.x.
-    """
-    shapes = dict(state_dict) if isinstance(state_dict, Mapping) else {k: None for k in state_dict}
-    keys = list(shapes)
-
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("conditioner.embedders."):
-        return CONFIG_SDXL_BASE if has("conditioner.embedders.0.transformer.") else CONFIG_SDXL_REFINER
-    if has("embedder.") or has("noise_augmentor."):
-        adm = _shape(shapes.get("model.diffusion_model.label_emb.0.0.weight"))
-        if adm is not None and len(adm) == 2:
-            return CONFIG_UNCLIP_H if adm[1] == 2048 else CONFIG_UNCLIP_L
-        proj = _shape(shapes.get("embedder.model.visual.proj"))
-        if proj is not None and len(proj) == 2:
-            return CONFIG_UNCLIP_H if proj[1] == 1024 else CONFIG_UNCLIP_L
-        # OpenAI CLIP (-L) keeps its text transformer; open_clip (-H) deletes it
-        return CONFIG_UNCLIP_L if has("embedder.model.transformer.") else CONFIG_UNCLIP_H
-    if has("cond_stage_model.model."):
-        return CONFIG_SD2V
-    if has("cond_stage_model.transformer."):
-        return CONFIG_SD1
-    return None
-
-
-def checkpoint_keys(path: PathLike) -> list[str]:
-    """The tensor names of a checkpoint; for .safetensors only the header is read."""
-    from ldm.checkpoint_reader import is_safetensors, read_state_dict, safetensors_header
-    from ldm.files import require_file
-
-    if is_safetensors(require_file(path, "checkpoint")):
-        return [key for key in safetensors_header(path) if key != "__metadata__"]
-    return list(read_state_dict(path))
-
-
 def check_checkpoint_role(path: Path, role: str, flag: str) -> None:
     """Refuse a checkpoint that is not an SDXL ``role`` ("base" | "refiner") file, saying which file is expected.
 
-    The kind is recognised from the key names (:func:`guess_config`): the base has a CLIP-L embedder
+    The kind comes from :func:`ldm.model_id.identify_file`: the base has a CLIP-L embedder
     (``conditioner.embedders.0.transformer.*``), the refiner only the OpenCLIP one.
     """
-    guess = guess_config(checkpoint_keys(path))
-    expected_config, expected_file = (
-        (CONFIG_SDXL_BASE, FILE_SDXL_BASE) if role == "base" else (CONFIG_SDXL_REFINER, FILE_SDXL_REFINER)
-    )
-    if guess == expected_config:
+    from ldm.model_id import identify_file
+
+    identity = identify_file(path)
+    expected_file = FILE_SDXL_BASE if role == "base" else FILE_SDXL_REFINER
+    if identity.role == role and identity.family == "sdxl":
         return
-    kinds = {CONFIG_SDXL_BASE: "the SDXL base", CONFIG_SDXL_REFINER: "the SDXL refiner"}
-    if guess in kinds:
-        other = "--ckpt" if guess == CONFIG_SDXL_BASE else "--refiner-ckpt"
-        found = f"{kinds[guess]} checkpoint (pass it as {other})"
-    elif guess is not None:
-        found = f"not an SDXL checkpoint (it needs {guess}: use sdgen txt2img/img2img with that config)"
+    if identity.family == "sdxl":
+        other = "--ckpt" if identity.role == "base" else "--refiner-ckpt"
+        found = f"the {identity.name} checkpoint (pass it as {other})"
+    elif identity.config is not None:
+        found = (f"not an SDXL checkpoint (it is {identity.describe()} and needs {identity.config}: use "
+                 f"sdgen {identity.command})")
+    elif identity.kind is not None:
+        found = f"not an SDXL checkpoint (it is {identity.describe()})"
     else:
         found = "not a Stable Diffusion checkpoint sdgen recognises"
     raise SdgenError(f"{flag} {path.name} is {found}; {flag} expects the SDXL {role} file ({expected_file})")
@@ -363,9 +311,8 @@ def model_hash(path: PathLike, cache_dir: PathLike | None = None) -> str:
 
 
 def checkpoint_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
-    """``{key: shape}`` of a checkpoint; for .safetensors only the header is read (pickles are memory-mapped)."""
-    from ldm.checkpoint_reader import is_safetensors, read_state_dict, safetensors_header
+    """``{key: shape}`` of a checkpoint (:func:`ldm.model_id.read_header`: for .safetensors only the header is
+    read; pickles are memory-mapped; cached for the run)."""
+    from ldm.model_id import read_header
 
-    if is_safetensors(path):
-        return {k: tuple(v["shape"]) for k, v in safetensors_header(path).items() if k != "__metadata__"}
-    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+    return dict(read_header(path).shapes)

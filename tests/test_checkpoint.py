@@ -26,9 +26,9 @@ from ldm.model_files import (
     CONFIG_UNCLIP_H,
     CONFIG_UNCLIP_L,
     bundled_config,
-    guess_config,
     model_hash,
 )
+from ldm.model_id import identify
 from ldm.checkpoint_reader import InertObject, read_pickle_checkpoint, read_state_dict
 from ldm.errors import SdgenError
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
@@ -301,15 +301,16 @@ def test_matching_file_with_wrong_width_does_not_blame_another_config(tmp_path, 
         ("sd_xl_refiner_0.9", CONFIG_SDXL_REFINER),
     ],
 )
-def test_guess_config_from_released_manifests(manifest, expected):
+def test_the_config_identified_from_released_manifests(manifest, expected):
     keys = released_manifest(manifest)["keys"]
-    assert guess_config(keys) == expected
+    assert identify(keys).config == expected
     # keys alone (no shapes) are enough too, except that unCLIP then relies on the image tower layout
-    assert guess_config(list(keys)) == expected
+    assert identify(list(keys)).config == expected
 
 
-def test_guess_config_unknown_keys():
-    assert guess_config(["foo.weight", "bar.bias"]) is None
+def test_unknown_keys_identify_nothing():
+    unknown = identify(["foo.weight", "bar.bias"])
+    assert unknown.kind is None and unknown.config is None and "no rule matches" in unknown.reasons[0]
 
 
 def test_bad_files_give_one_line_errors(tmp_path):

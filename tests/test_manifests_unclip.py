@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ldm.checkpoint import build_model_on_meta
-from ldm.model_files import guess_config
-from ldm.models.diffusion.unclip import ImageEmbeddingConditionedLatentDiffusion, is_unclip_config, is_unclip_state_dict
+from ldm.model_id import identify
+from ldm.models.diffusion.unclip import ImageEmbeddingConditionedLatentDiffusion, is_unclip_config
 from tests.golden import released_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,12 +66,13 @@ def test_parameter_counts_equal_released_file(built) -> None:
 def test_released_keys_are_recognised_as_unclip(built) -> None:
     name, _ = built
     keys = released_manifest(name)["keys"]
-    assert is_unclip_state_dict(keys)
-    assert guess_config(keys) == CASES[name]
+    assert identify(keys).family == "unclip"
+    assert identify(keys).config == CASES[name]
     stripped = {k: v for k, v in keys.items() if not k.startswith(("embedder.", "noise_augmentor."))}
-    assert is_unclip_state_dict(stripped)  # a copy saved without the embedder is still recognised
-    assert not is_unclip_state_dict(released_manifest("v2-1_768-ema-pruned")["keys"])
-    assert not is_unclip_state_dict(released_manifest("sd-v1-4")["keys"])
+    # a copy saved without the embedder is still recognised, -L / -H from the ADM width
+    assert identify(stripped).config == CASES[name]
+    assert identify(released_manifest("v2-1_768-ema-pruned")["keys"]).family == "sd"
+    assert identify(released_manifest("sd-v1-4")["keys"]).family == "sd"
 
 
 def test_config_detection() -> None:

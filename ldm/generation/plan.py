@@ -44,6 +44,7 @@ from ldm.model_files import (
     unet_in_channels,
     vae_downsampling_factor,
 )
+from ldm.model_id import check_command, identify_file
 from ldm.output import OutputFolder
 from ldm.sampling.grids import schedule_grid
 
@@ -183,6 +184,8 @@ def plan_models(opts: GenerateOptions) -> list[ModelSpec]:
 
         check_checkpoint_file(files.checkpoint)
         choice = choose_config(files.checkpoint)
+        if choice.identity is not None:  # picked from the keys: the file must be one this command runs
+            check_command(choice.identity, opts.command, files.checkpoint)
         files, reason = ModelFiles(config=choice.path, checkpoint=files.checkpoint), choice.reason
     spec = replace(_model("model", files), config_reason=reason)
     return [replace(spec, role="base")] if spec.kind == "sdxl" else [spec]
@@ -192,25 +195,21 @@ def _unclip_model(opts: GenerateOptions) -> ModelSpec:
     """The unCLIP model: its config given, or picked from the checkpoint's keys (unCLIP-L or -H)."""
     from ldm.checkpoint import load_model_config
     from ldm.checkpoint_reader import check_checkpoint_file
-    from ldm.model_files import checkpoint_shapes, guess_config
-    from ldm.models.diffusion.unclip import UNCLIP_FILES_HINT, is_unclip_state_dict, unclip_config_for
+    from ldm.models.diffusion.unclip import UNCLIP_FILES_HINT
 
     files = resolve_checkpoint(opts.ckpt or DEFAULT_UNCLIP_CKPT, opts.config or str(bundled_config(CONFIG_UNCLIP_L)),
                                demo=False)
     if opts.config is not None and model_kind(load_model_config(files.config)) != "unclip":
         raise SdgenError(f"--config {opts.config} is not a Stable unCLIP config; {UNCLIP_FILES_HINT}")
     check_checkpoint_file(files.checkpoint)
-    shapes = checkpoint_shapes(files.checkpoint)
-    if not is_unclip_state_dict(shapes):
-        guess = guess_config(shapes)
-        looks = f" (it looks like a model for {guess})" if guess else ""
+    identity = identify_file(files.checkpoint)
+    if identity.family != "unclip":
+        looks = (f" (it is {identity.describe()}, a model for {identity.config}: sdgen {identity.command})"
+                 if identity.config else "")
         raise SdgenError(f"--ckpt {opts.ckpt or DEFAULT_UNCLIP_CKPT} is not a Stable unCLIP checkpoint{looks}; "
                          f"{UNCLIP_FILES_HINT}")
     if opts.config is None:
-        bundled = unclip_config_for(shapes)
-        if bundled is None:
-            raise SdgenError(f"cannot tell which unCLIP config {files.checkpoint} needs: pass --config")
-        files = ModelFiles(config=bundled_config(bundled), checkpoint=files.checkpoint)
+        files = ModelFiles(config=bundled_config(str(identity.config)), checkpoint=files.checkpoint)
     return _model("model", files)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
@@ -38,7 +38,6 @@ PathLike = str | os.PathLike
 #: Where the image embedding enters the checkpoint / the UNet.
 EMBEDDER_PREFIX = "embedder.model."
 VISUAL_PREFIX = EMBEDDER_PREFIX + "visual."
-ADM_WEIGHT_KEY = "model.diffusion_model.label_emb.0.0.weight"
 
 #: What to tell a user who hands a non-unCLIP model to an unCLIP command.
 UNCLIP_FILES_HINT = (
@@ -201,7 +200,7 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# recognising unCLIP configs and checkpoints
+# recognising unCLIP configs (checkpoints: ldm.model_id)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -216,31 +215,6 @@ def is_unclip_config(config: Any) -> bool:
     except SdgenError:
         return False
     return isinstance(cls, type) and issubclass(cls, ImageEmbeddingConditionedLatentDiffusion)
-
-
-def is_unclip_state_dict(keys: Sequence[str] | Mapping[str, Any]) -> bool:
-    """Whether checkpoint keys belong to a Stable unCLIP model: an image embedder, the noise augmentor's
-    schedule, or (for a copy saved without both) a UNet with an ADM input next to an OpenCLIP text encoder."""
-    names = list(keys)
-    if any(k.startswith(("embedder.", "noise_augmentor.")) for k in names):
-        return True
-    return ADM_WEIGHT_KEY in names and any(k.startswith("cond_stage_model.model.") for k in names)
-
-
-def unclip_config_for(state_dict: Mapping[str, Any]) -> str | None:
-    """The bundled unCLIP config (path relative to the repository root) a checkpoint needs, or None.
-
-    From the keys (``ldm.model_files.guess_config``), else, for a copy without ``embedder.*`` and
-    ``noise_augmentor.*``, from the UNet's ADM width (1536: -L, 2048: -H).
-    """
-    from ldm.model_files import CONFIG_UNCLIP_H, CONFIG_UNCLIP_L, guess_config
-
-    guess = guess_config(state_dict)
-    if guess in (CONFIG_UNCLIP_L, CONFIG_UNCLIP_H):
-        return guess
-    weight = state_dict.get(ADM_WEIGHT_KEY)
-    width = (tuple(weight.shape) if torch.is_tensor(weight) else tuple(weight or ()))[1:]
-    return {(1536,): CONFIG_UNCLIP_L, (2048,): CONFIG_UNCLIP_H}.get(width)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -362,9 +336,10 @@ def load_unclip_model(
         SdgenError: not an unCLIP config or checkpoint (the message names the files unCLIP needs), a missing
             image tower without ``embedder_ckpt``, unreadable statistics, or any strict-load mismatch.
     """
+    from ldm.bundled import bundled_path
     from ldm.checkpoint import assign_state_dict, build_model_on_meta
     from ldm.checkpoint_reader import read_state_dict
-    from ldm.model_files import bundled_config, guess_config
+    from ldm.model_id import identify
 
     config_name = os.fspath(config) if isinstance(config, (str, os.PathLike)) else None
     node = _model_node(config) if config is not None else None
@@ -374,15 +349,12 @@ def load_unclip_model(
 
     if state_dict is None:
         state_dict = read_state_dict(ckpt_path)
-    guess = guess_config(state_dict)
-    if not is_unclip_state_dict(state_dict):
-        looks = f" (it looks like it needs {guess})" if guess else ""
+    identity = identify(state_dict)
+    if identity.family != "unclip":
+        looks = f" (it looks like it needs {identity.config})" if identity.config else ""
         raise SdgenError(f"checkpoint {ckpt_path} is not a Stable unCLIP checkpoint{looks}; {UNCLIP_FILES_HINT}")
     if node is None:
-        bundled = unclip_config_for(state_dict)
-        if bundled is None:
-            raise SdgenError(f"cannot tell which unCLIP config {ckpt_path} needs: pass --config")
-        config_name = os.fspath(bundled_config(bundled))
+        config_name = os.fspath(bundled_path(str(identity.config)))
         node = _model_node(config_name)
         logger.info("%s: using %s", ckpt_path, config_name)
     if stats is not None and node.params.get("noise_aug_config") is not None:
@@ -444,9 +416,7 @@ __all__ = [
     "ImageEmbeddingConditionedLatentDiffusion",
     "UNCLIP_FILES_HINT",
     "is_unclip_config",
-    "is_unclip_state_dict",
     "load_unclip_model",
     "read_clip_stats",
-    "unclip_config_for",
     "missing_clip_stats_notice",
 ]

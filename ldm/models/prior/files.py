@@ -24,14 +24,13 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ldm.errors import SdgenError
+from ldm.model_id import KARLO_KEYS  # keys only the Karlo prior has
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRIOR = "checkpoints/karlo_models/prior-ckpt-step=01000000-of-01000000.ckpt"
 PRIOR_CONFIG = "configs/karlo/prior_1B_vit_l.yaml"
 STATS_NAME = "ViT-L-14_stats.th"
-#: keys only the Karlo prior has
-KARLO_KEYS = ("model.prd_emb", "model.transformer.resblocks.0.attn.c_qkv.weight")
 EMBEDDER_TEXT = "embedder.model.transformer."
 TEXT_ANCHOR = "token_embedding.weight"
 
@@ -89,7 +88,8 @@ def plan_prior(opts: Any, unclip_config: Any, unclip_shapes: Mapping[str, tuple[
     """Check the prior's files against each other and the unCLIP model (raises SdgenError; loads no tensor)."""
     from ldm.checkpoint import load_model_config
     from ldm.checkpoint_reader import check_checkpoint_file
-    from ldm.model_files import checkpoint_shapes, file_sha256, find_file, guess_config
+    from ldm.model_files import checkpoint_shapes, file_sha256, find_file
+    from ldm.model_id import identify
 
     beside = find_file(opts.prior or DEFAULT_PRIOR).with_suffix(".yaml")  # a config beside the prior, as for models
     config_path = find_file(opts.prior_config) if opts.prior_config else (beside if beside.is_file()
@@ -111,9 +111,9 @@ def plan_prior(opts: Any, unclip_config: Any, unclip_shapes: Mapping[str, tuple[
                          "prior-ckpt-step=01000000-of-01000000.ckpt: pass --prior PATH")
     check_checkpoint_file(path, "Karlo prior")
     shapes = checkpoint_shapes(path)
-    if not all(k in shapes for k in KARLO_KEYS):
-        guess = guess_config(shapes)
-        looks = f" (it looks like a model for {guess})" if guess else ""
+    identity = identify(shapes)
+    if identity.kind != "karlo-prior":
+        looks = f" (it looks like a model for {identity.config})" if identity.config else ""
         raise SdgenError(f"--prior {path} is not the Karlo prior: it lacks {KARLO_KEYS[0]} and the fused attention "
                          f"weights of Karlo's prior transformer{looks}")
     stored = shapes["model.clip_img_proj.weight"]
