@@ -20,10 +20,12 @@ from typing import Any, Optional
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # CV scripts/txt2img.py
 
 #: The generation commands.
-COMMANDS = ("txt2img", "img2img", "safe-txt2img", "unclip-variate", "sdxl-refine")
+COMMANDS = ("txt2img", "img2img", "safe-txt2img", "unclip-variate", "sdxl-refine", "inpaint", "depth2img", "upscale")
 
 #: The commands that fall back to the bundled demo model when no checkpoint is found.
-DEMO_COMMANDS = ("txt2img", "img2img", "safe-txt2img")
+DEMO_COMMANDS = ("txt2img", "img2img", "safe-txt2img", "inpaint")
+
+UPSCALE_PROMPT = "a high quality professional photograph"  # SAI2 scripts/streamlit/superresolution.py
 
 #: What a command sets whatever the model (None: nothing, the option stays unset).
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -37,6 +39,13 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     "sdxl-refine": {"prompt": DEFAULT_PROMPT, "outdir": "outputs/sdxl-refine-samples", "n_samples": 1, "seed": 42,
                     "high_noise_frac": 0.8, "strength": 0.3, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 999.0,
                     "s_noise": 1.0},
+    # the SAI2 streamlit scripts' defaults (seed 0, one sample); their prompts are typed in, so sdgen's default
+    # prompt stands in for inpainting and depth
+    "inpaint": {"prompt": DEFAULT_PROMPT, "outdir": "outputs/inpaint-samples", "n_samples": 1, "seed": 0},
+    "depth2img": {"prompt": DEFAULT_PROMPT, "outdir": "outputs/depth2img-samples", "n_samples": 1, "seed": 0,
+                  "strength": 0.9},
+    "upscale": {"prompt": UPSCALE_PROMPT, "outdir": "outputs/upscale-samples", "n_samples": 1, "seed": 0,
+                "noise_level": 20},
 }
 
 _SD_TXT2IMG = {"sampler": "ddim", "steps": 50, "scale": 7.5, "height": 512, "width": 512, "n_iter": 2}
@@ -44,6 +53,8 @@ _UNCLIP = {"sampler": "ddim", "steps": 20, "scale": 10.0, "height": 768, "width"
            "noise_level": 0}
 _SDXL = {"sampler": "euler", "steps": 50, "scale": 5.0, "height": 1024, "width": 1024, "grid": "sgm",
          "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
+
+_INPAINT = {"sampler": "ddim", "steps": 50, "scale": 10.0, "n_iter": 1}
 
 #: The sampling defaults of a command on a model family (img2img takes its size from the init image).
 FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -54,12 +65,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "safe-txt2img": {"sd": _SD_TXT2IMG, "sdxl": {**_SDXL, "n_iter": 2}},
     "unclip-variate": {"unclip": {k: v for k, v in _UNCLIP.items() if k != "noise_level"}},
     "sdxl-refine": {"sdxl": {**_SDXL, "n_iter": 1}},
+    # SAI2 scripts/streamlit/inpainting.py l.142-146, depth2img.py l.125-138, superresolution.py l.132-144: DDIM
+    # with eta 0 (the gradio inpainting demo's 45 steps, eta 1.0 and 4 samples are flags away)
+    "inpaint": {"inpaint": _INPAINT, "sd": _INPAINT},
+    "depth2img": {"depth": {"sampler": "ddim", "steps": 50, "scale": 9.0, "n_iter": 1}},
+    "upscale": {"upscale": {"sampler": "ddim", "steps": 50, "scale": 9.0, "n_iter": 1}},
 }
 
 #: The fields a model config's ``sampling_defaults`` may set.
 CONFIG_FIELDS = ("sampler", "steps", "scale", "height", "width", "n_iter", "grid")
 
-FAMILY_NAMES = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL", "unclip": "unCLIP-L + Karlo prior"}
+FAMILY_NAMES = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL", "unclip": "unCLIP-L + Karlo prior", "inpaint": "inpainting",
+                "depth": "depth-to-image", "upscale": "the x4 upscaler"}
+
+#: Commands whose size is their input image's (img2img-like): a config's default size does not apply.
+INPUT_SIZED = ("img2img", "inpaint", "depth2img", "upscale")
 
 
 def config_sampling_defaults(config: Any) -> dict[str, Any]:
@@ -79,7 +99,7 @@ def defaults_for(command: str, family: str, config: Any = None) -> dict[str, Any
     out = dict(COMMAND_DEFAULTS[command])
     out.update(FAMILY_DEFAULTS[command].get(family, {}))
     own = config_sampling_defaults(config) if config is not None else {}
-    if command == "img2img":  # the size is the init image's
+    if command in INPUT_SIZED:  # the size is the init image's
         own.pop("height", None)
         own.pop("width", None)
     out.update(own)

@@ -35,6 +35,10 @@ DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 # The SAI2 streamlit unCLIP demo's checkpoint path
 DEFAULT_UNCLIP_CKPT = "checkpoints/sd21-unclip-l.ckpt"
+# The SAI2 scripts take these files as an argument; sdgen looks for them in the same checkpoints/ folder
+DEFAULT_INPAINT_CKPT = "checkpoints/512-inpainting-ema.ckpt"
+DEFAULT_DEPTH_CKPT = "checkpoints/512-depth-ema.ckpt"
+DEFAULT_UPSCALE_CKPT = "checkpoints/x4-upscaler-ema.ckpt"
 # The bundled demo model, used when no checkpoint is given and none is at DEFAULT_CKPT (models/demo/README.md)
 DEMO_CONFIG = "configs/demo/shapes-ldm.yaml"
 DEMO_CKPT = "models/demo/shapes-ldm.safetensors"
@@ -144,12 +148,14 @@ def model_kind(config: Any) -> str:
             return "sdxl"
         if issubclass(cls, ImageEmbeddingConditionedLatentDiffusion):
             return "unclip"
+        if isinstance(getattr(cls, "family", None), str):  # inpainting, depth-to-image, the x4 upscaler
+            return cls.family
     return "sd"
 
 
 def family_of(kind: str) -> str:
     """The defaults family of a model kind (:mod:`ldm.defaults`): "sd", "sdxl" or "unclip"."""
-    return kind if kind in ("sdxl", "unclip") else "sd"
+    return kind if kind in ("sdxl", "unclip", "inpaint", "depth", "upscale") else "sd"
 
 
 def _params(config: Any) -> Mapping[str, Any]:

@@ -24,8 +24,12 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("img2img", "ldm.cli.img2img:img2img"),
     ("safe-txt2img", "ldm.cli.safe_txt2img:safe_txt2img"),
     ("replay", "ldm.cli.replay:replay"),
+    ("inspect", "ldm.cli.inspect:inspect"),
     ("unclip-variate", "ldm.cli.unclip_variate:unclip_variate"),
     ("sdxl-refine", "ldm.cli.sdxl_refine:sdxl_refine"),
+    ("inpaint", "ldm.cli.inpaint:inpaint"),
+    ("depth2img", "ldm.cli.depth2img:depth2img"),
+    ("upscale", "ldm.cli.upscale:upscale"),
     ("train", "ldm.cli.train:train"),
 )
 

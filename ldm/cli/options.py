@@ -30,7 +30,9 @@ SD_SIZE_RULE = "a multiple of 64 for SD 1.x / 2.x: VAE factor 8 x UNet downsampl
 SDXL_BASE_SIZE_RULE = "32 for the SDXL base"
 ANY_SIZE_RULE = f"{SD_SIZE_RULE}; {SDXL_BASE_SIZE_RULE}"
 SDXL_REFINER_SIZE_RULE = "a multiple of 64 with the SDXL refiner: VAE factor 8 x UNet downsampling 8"
-SIZE_RULES = {"unclip-variate": SD_SIZE_RULE, "sdxl-refine": SDXL_REFINER_SIZE_RULE}
+UPSCALE_SIZE_RULE = "the output size: 4x the input, a multiple of 32 (VAE factor 4 x UNet downsampling 8)"
+SIZE_RULES = {"unclip-variate": SD_SIZE_RULE, "sdxl-refine": SDXL_REFINER_SIZE_RULE, "inpaint": SD_SIZE_RULE,
+              "depth2img": SD_SIZE_RULE, "upscale": UPSCALE_SIZE_RULE}
 
 SCALE_HELP = "classifier-free guidance scale (1.0: no guidance)"
 GRID_HELP = ("SDXL timestep grid: sgm = linspace(999, 0, steps) as SGM since June 2023 and SDXL 1.0; sgm_legacy = "
@@ -61,7 +63,8 @@ def _shown(command: str, field: str, fallback: Any = False) -> Any:
     return text if text is not None else fallback
 
 
-_TABLE_COMMANDS = ("txt2img", "img2img", "safe-txt2img", "unclip-variate", "sdxl-refine")
+_TABLE_COMMANDS = ("txt2img", "img2img", "safe-txt2img", "unclip-variate", "sdxl-refine", "inpaint", "depth2img",
+                   "upscale")
 
 
 def sampler_help(command: str) -> str:
@@ -78,8 +81,11 @@ def flags(command: str) -> SimpleNamespace:
     taken from :mod:`ldm.defaults`."""
     rule = SIZE_RULES.get(command, ANY_SIZE_RULE)
     int_, float_, bool_ = Optional[int], Optional[float], bool
-    size_text = "resize the init image to this {side}" if command == "img2img" else "image {side} in pixels"
-    size_default = {"img2img": "the init image's, rounded down",
+    size_text = ("resize the init image to this {side}" if command in ("img2img", "inpaint", "depth2img")
+                 else "output {side} (the input is resized to a quarter of it)" if command == "upscale"
+                 else "image {side} in pixels")
+    size_default = {"img2img": "the init image's, rounded down", "inpaint": "the init image's, rounded down",
+                    "depth2img": "the init image's, rounded down", "upscale": "4x the init image's, rounded down",
                     "sdxl-refine": f"{describe(command, 'height')}, or the init image's"}.get(command)
     prompt_default = describe(command, "prompt")
     return SimpleNamespace(

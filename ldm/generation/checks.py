@@ -105,8 +105,16 @@ def check_options(opts: GenerateOptions) -> None:
         raise SdgenError("--low-memory applies to sdxl-refine (one of base and refiner in memory at a time)")
     if opts.resume and opts.skip_save:
         raise SdgenError("--resume finds the finished images by their files: it cannot go with --skip_save")
-    if opts.command == "img2img" and not opts.init_img:
-        raise SdgenError("img2img needs an input image: pass --init-img PATH")
+    if opts.command in ("img2img", "inpaint", "depth2img", "upscale") and not opts.init_img:
+        raise SdgenError(f"{opts.command} needs an input image: pass --init-img PATH")
+    if opts.command == "inpaint" and not opts.mask:
+        raise SdgenError("inpaint needs a mask: pass --mask PATH (white = repaint, black = keep)")
+    for flag, value, command in (("--mask", opts.mask, "inpaint"), ("--depth-map", opts.depth_map, "depth2img"),
+                                 ("--tile", opts.tile or None, "upscale")):
+        if value is not None and opts.command != command:
+            raise SdgenError(f"{flag} applies to sdgen {command} only")
+    if opts.command == "upscale" and opts.noise_level is not None and not 0 <= opts.noise_level <= 349:
+        raise SdgenError(f"--noise-level must be in 0..349 (the upscaler's max_noise_level 350), got {opts.noise_level}")
     if opts.command == "unclip-variate":
         if not opts.init_img:
             raise SdgenError("unclip-variate needs an input image: pass --init-img PATH (an image or a folder of "

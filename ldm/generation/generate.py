@@ -145,7 +145,9 @@ def _start_batch(run: _Run, first: Stage, jobs: list[ImageJob], start_sigma: Opt
     if start_sigma is not None:
         init = _batch_init_image(jobs)
         if init not in posteriors:
-            posteriors[init] = encode_init_image(first.model, _checked(init_images[init], settings), settings.precision)
+            # the RGB channels start the latent; an input's extra channel (a depth map) is for its conditioner
+            image = _checked(init_images[init][:3], settings)
+            posteriors[init] = encode_init_image(first.model, image, settings.precision)
         posterior = posteriors[init]
     with precision_context(settings.precision, device):
         if posterior is None:

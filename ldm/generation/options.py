@@ -29,7 +29,7 @@ class GenerateOptions:
     """Everything a generation run is made from; None means "the default" (:mod:`ldm.defaults`).
 
     Attributes:
-        command: txt2img, img2img, safe-txt2img, unclip-variate or sdxl-refine.
+        command: txt2img, img2img, safe-txt2img, unclip-variate, sdxl-refine, inpaint, depth2img or upscale.
         prompt, negative_prompt: the prompt (None: the command's default) and the unconditional one.
         from_file: a prompt file (:mod:`ldm.generation.prompt_file`: .txt one prompt per line, .csv / .jsonl with
             per-line settings); ``prompt_list`` / ``prompt_entries`` (set by ``sdgen replay``) replace reading it.
@@ -37,7 +37,11 @@ class GenerateOptions:
             (an I2P file's own scale and size) or "fixed" (the command's).
         config, ckpt: model config and checkpoint (None: the original scripts' paths, or the demo model);
             ``refiner_ckpt`` / ``refiner_config`` the SDXL refiner of ``sdxl-refine``.
-        init_img: img2img / SDEdit input image, or unCLIP's image or folder of images.
+        init_img: img2img / SDEdit input image, or unCLIP's image or folder of images; the image to inpaint,
+            to take the depth of, or to upscale.
+        mask: ``inpaint``: the mask image (greyscale >= 0.5, i.e. 8-bit >= 128, is repainted); ``depth_map``:
+            ``depth2img``: a depth image (larger = nearer) instead of MiDaS's; ``tile``: ``upscale`` in overlapping
+            latent tiles with a tiled VAE decode (bounded memory).
         strength: img2img / SDEdit strength; ``high_noise_frac`` the base's share in a base -> refiner run.
         sampler, steps, scale, eta, height, width, n_samples, n_iter, seed: as the original scripts' flags.
         schedule: A1111's "Schedule type": default (the sampler's own grid), karras, exponential, sgm_uniform.
@@ -83,6 +87,9 @@ class GenerateOptions:
     refiner_ckpt: Optional[str] = None
     refiner_config: Optional[str] = None
     init_img: Optional[str] = None
+    mask: Optional[str] = None
+    depth_map: Optional[str] = None
+    tile: bool = False
     strength: Optional[float] = None
     high_noise_frac: Optional[float] = None
     sampler: Optional[str] = None

@@ -18,9 +18,10 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ldm.adapters.adapter_set import Adapters, plan_adapters
-from ldm.defaults import COMMAND_DEFAULTS, defaults_for
+from ldm.defaults import COMMAND_DEFAULTS, DEMO_COMMANDS, FAMILY_NAMES, INPUT_SIZED, defaults_for
 from ldm.errors import SdgenError
 from ldm.generation import images as image_io
+from ldm.generation.inputs import InitImage, InitImages, available_memory, upscale_memory
 from ldm.generation.checks import check_adapter_hashes, check_expectations, check_options, resolve_device
 from ldm.generation.jobs import SWEEP_FIELDS, Sweep, Unit, lay_out, parse_sweep, sweep_cells
 from ldm.generation.options import FLAGS, SDXL_FIELDS, GenerateOptions, parse_pair
@@ -30,7 +31,11 @@ from ldm.model_files import (
     CONFIG_SDXL_BASE,
     CONFIG_SDXL_REFINER,
     CONFIG_UNCLIP_L,
+    DEFAULT_CKPT,
+    DEFAULT_DEPTH_CKPT,
+    DEFAULT_INPAINT_CKPT,
     DEFAULT_UNCLIP_CKPT,
+    DEFAULT_UPSCALE_CKPT,
     ModelFiles,
     bundled_config,
     check_checkpoint_role,
@@ -42,11 +47,20 @@ from ldm.model_files import (
     model_kind,
     resolve_checkpoint,
     unet_in_channels,
+    unet_params,
     vae_downsampling_factor,
 )
 from ldm.model_id import check_command, identify_file
 from ldm.output import OutputFolder
 from ldm.sampling.grids import schedule_grid
+
+#: Commands whose input images condition the model (rather than only start the latent, as img2img's).
+CONDITIONING_COMMANDS = ("unclip-variate", "inpaint", "depth2img", "upscale")
+#: The model family each input command needs (inpainting also runs on any SD 1.x / 2.x model).
+COMMAND_FAMILIES = {"inpaint": ("inpaint", "sd"), "depth2img": ("depth",), "upscale": ("upscale",)}
+#: Where the input commands look for their checkpoint when --ckpt is not given.
+INPUT_CKPTS = {"inpaint": DEFAULT_INPAINT_CKPT, "depth2img": DEFAULT_DEPTH_CKPT, "upscale": DEFAULT_UPSCALE_CKPT}
+UPSCALE = 4  # the x4 upscaler's output / input size
 
 UNCLIP_INPUT_MULTIPLE = 64  # the SAI2 demo resizes the input down to multiples of 64 (LANCZOS) before embedding it
 
@@ -63,15 +77,6 @@ class ModelSpec:
     kind: str
     sha256: str
     config_reason: str = ""  # why the config was chosen, when --config was not given
-
-
-@dataclass(frozen=True)
-class InitImage:
-    """An input image: its file, sha256 and pixels (3, H, W) in [-1, 1] at the size the run uses."""
-
-    path: Path
-    sha256: str
-    tensor: torch.Tensor
 
 
 @dataclass
@@ -107,8 +112,9 @@ class RunPlan:
 
     @property
     def conditioning_images(self) -> bool:
-        """Whether the init images condition the model (unCLIP) rather than start the latent (img2img)."""
-        return self.opts.command == "unclip-variate"
+        """Whether the init images condition the model (unCLIP, inpainting, depth, upscaling) rather than only start
+        the latent (img2img)."""
+        return self.opts.command in CONDITIONING_COMMANDS
 
     @property
     def uses_demo_model(self) -> bool:
@@ -173,7 +179,8 @@ def plan_models(opts: GenerateOptions) -> list[ModelSpec]:
         return specs
     if opts.command == "unclip-variate":
         return [_unclip_model(opts)]
-    files = resolve_checkpoint(opts.ckpt, opts.config)
+    files = resolve_checkpoint(opts.ckpt, opts.config, demo=opts.command in DEMO_COMMANDS,
+                               default_ckpt=INPUT_CKPTS.get(opts.command, DEFAULT_CKPT))
     reason = ""
     demo = demo_model_files()
     if opts.config is None and demo is not None and files.checkpoint == demo.checkpoint:
@@ -221,7 +228,7 @@ def resolve_defaults(opts: GenerateOptions, spec: ModelSpec) -> GenerateOptions:
     config. A run that starts from an init image keeps an unset size (the image's); the hand-over fraction and the
     SDEdit strength apply in their own ``sdxl-refine`` mode only."""
     defaults = defaults_for(opts.command, family_of(spec.kind), spec.config)
-    if opts.init_img is not None and opts.command in ("img2img", "sdxl-refine"):
+    if opts.init_img is not None and opts.command in INPUT_SIZED + ("sdxl-refine",):
         defaults.pop("height", None)
         defaults.pop("width", None)
     if opts.command == "sdxl-refine":
@@ -240,7 +247,12 @@ PRIOR_FLAGS = {"prior": "--prior", "prior_config": "--prior-config", "prior_clip
 
 
 def check_family(opts: GenerateOptions, specs: list[ModelSpec]) -> None:
-    """The SDXL options only for SDXL models, the prior's only for unCLIP text-to-image (raises SdgenError)."""
+    """The SDXL options only for SDXL models, the prior's only for unCLIP text-to-image, the input commands' models
+    (raises SdgenError)."""
+    needs = COMMAND_FAMILIES.get(opts.command)
+    if needs is not None and specs[0].kind not in needs:
+        raise SdgenError(f"sdgen {opts.command} needs {' or '.join(FAMILY_NAMES[f] for f in needs)} model; the config "
+                         f"{specs[0].files.config.name} builds {FAMILY_NAMES.get(specs[0].kind, 'another')} model")
     given = [flag for name, flag in PRIOR_FLAGS.items() if getattr(opts, name, None) is not None]
     if given and not uses_prior(opts, specs):
         raise SdgenError(f"{', '.join(given)} apply to txt2img with an unCLIP-L checkpoint (the Karlo prior) only")
@@ -256,7 +268,9 @@ def check_geometry(config: Any, opts: GenerateOptions) -> int:
     vae_factor = vae_downsampling_factor(config)
     if opts.factor is not None and opts.factor != vae_factor:
         raise SdgenError(f"--f {opts.factor} does not match the config's VAE downsampling factor {vae_factor}")
-    in_channels = unet_in_channels(config)
+    # the latent channels: the UNet's output (its input may add concatenated channels: inpainting, depth, upscaling)
+    params = unet_params(config) or {}
+    in_channels = int(params["out_channels"]) if "out_channels" in params else unet_in_channels(config)
     if in_channels is not None and opts.latent_channels != in_channels:
         raise SdgenError(f"--C {opts.latent_channels} does not match the config's {in_channels} latent channels")
     multiple = latent_size_multiple(config)
@@ -270,41 +284,10 @@ def check_geometry(config: Any, opts: GenerateOptions) -> int:
     return vae_factor
 
 
-class InitImages:
-    """The run's input images, each read once and kept at every size a job asks for (:class:`InitImage`)."""
-
-    def __init__(self) -> None:
-        self.images: list[InitImage] = []
-        self._pil: dict[str, Any] = {}
-        self._index: dict[tuple, int] = {}
-
-    def read(self, path: str | Path, where: str = "") -> Any:
-        key = str(Path(path).expanduser())
-        if key not in self._pil:
-            try:
-                self._pil[key] = image_io.read_image(key)
-            except SdgenError as exc:
-                raise SdgenError(f"{where}: {exc}" if where else str(exc)) from None
-        return self._pil[key]
-
-    def add(self, path: str | Path, size: Optional[tuple[int, int]], multiple: int) -> int:
-        """The index of ``path`` at ``size`` (height, width; None: its own size rounded down to ``multiple``)."""
-        key = (str(Path(path).expanduser()), size, multiple)
-        if key not in self._index:
-            pil = self.read(path)
-            if size is None:
-                tensor = image_io.image_to_tensor(pil, None, multiple)
-            else:
-                tensor = image_io.fit_init_image(pil, size[0], size[1], multiple)
-            self._index[key] = len(self.images)
-            self.images.append(InitImage(Path(key[0]), file_sha256(key[0]), tensor))
-        return self._index[key]
-
-
 def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int, width: int, factor: int) -> Settings:
     """The :class:`Settings` of a planned run (every default filled in)."""
     sdxl = specs[0].kind == "sdxl"
-    start = opts.command == "img2img" or (opts.command == "sdxl-refine" and opts.init_img is not None)
+    start = opts.command in ("img2img", "depth2img") or (opts.command == "sdxl-refine" and opts.init_img is not None)
     return Settings(
         sampler=opts.sampler, steps=opts.steps, grid=schedule_grid(opts.schedule, opts.sampler, opts.grid if sdxl else None),
         schedule=opts.schedule,
@@ -365,10 +348,13 @@ def plan_units(opts: GenerateOptions, entries: list[PromptEntry], cell: Mapping[
                 height, width = eff.height, eff.width
                 latent_init = init
                 if eff.init_img is not None and opts.command != "unclip-variate":
-                    size = None if height is None and width is None else (height, width)
-                    latent_init = images.add(eff.init_img, size, multiple)
+                    scale = UPSCALE if opts.command == "upscale" else 1  # the upscaler's input: a quarter
+                    size = None if height is None and width is None else (
+                        height // scale if height else None, width // scale if width else None)
+                    latent_init = images.add(eff.init_img, size, multiple // scale, mask=eff.mask,
+                                             depth_map=eff.depth_map)
                     tensor = images.images[latent_init].tensor
-                    height, width = int(tensor.shape[1]), int(tensor.shape[2])
+                    height, width = int(tensor.shape[1]) * scale, int(tensor.shape[2]) * scale
                 if height is None or width is None:
                     raise SdgenError("--H and --W are needed without an init image")
                 for flag, value in (("--H", height), ("--W", width)):
@@ -429,6 +415,8 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
                     where = unit.entry.where if ":" in unit.entry.where else ""
                     raise SdgenError(f"{where}: {exc}" if where else str(exc)) from None
                 groups.append(unit.settings)
+    if opts.command == "upscale" and not opts.tile:
+        check_upscale_memory(groups, opts)
     adapters = plan_adapters(opts, run_prompts(opts, entries), [spec.config for spec in specs])
     if opts.safety_checker is not None and not opts.no_safety_checker:
         from ldm.checkpoint_reader import check_checkpoint_file
@@ -439,12 +427,24 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
     inits = images.images
     found = {"checkpoint_sha256": specs[0].sha256,
              "refiner_checkpoint_sha256": specs[-1].sha256 if specs[-1].role == "refiner" else None,
-             "init_image_sha256": ([i.sha256 for i in inits] if opts.command == "unclip-variate"
+             "init_image_sha256": ([i.key_sha256 for i in inits] if opts.command in CONDITIONING_COMMANDS
                                    else (inits[0].sha256 if inits else None)),
              "prior_sha256": prior.sha256 if prior is not None else None}
     check_expectations({k: v for k, v in (expect or {}).items() if k != "adapters"}, found)
     check_adapter_hashes((expect or {}).get("adapters"), adapters.record())
     return RunPlan(opts, specs, groups, batches, entries, inits, out, device, sweeps, adapters, prior)
+
+
+def check_upscale_memory(groups: list[Settings], opts: GenerateOptions) -> None:
+    """Refuse, before loading, an untiled upscale whose estimated working memory exceeds what this machine has."""
+    free = available_memory()
+    for settings in groups:
+        h, w = settings.height // UPSCALE, settings.width // UPSCALE
+        need = upscale_memory(h, w, opts.n_samples or 1)
+        if free is not None and need > free:
+            raise SdgenError(f"upscaling a {w}x{h} image to {settings.width}x{settings.height} needs about "
+                             f"{need / 2**30:.1f} GiB of working memory and {free / 2**30:.1f} GiB are available: "
+                             "add --tile (bounded memory), or use a smaller input or --n_samples")
 
 
 def run_prompts(opts: GenerateOptions, entries: list[PromptEntry]) -> list[tuple[tuple[str, ...], str]]:

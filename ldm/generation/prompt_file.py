@@ -2,8 +2,8 @@
 (.csv with a header row, .jsonl with one JSON object per line).
 
 Each line of a .csv / .jsonl file may set, besides ``prompt``: ``negative_prompt``, ``seed``, ``steps``, ``scale``,
-``sampler``, ``eta``, ``H`` / ``W`` (or ``height`` / ``width``), ``n_samples``, ``strength``, ``init_img`` and the
-SLD settings (``sld``, ``sld_guidance_scale``, ``sld_warmup_steps``, ``sld_threshold``, ``sld_momentum_scale``,
+``sampler``, ``eta``, ``H`` / ``W`` (or ``height`` / ``width``), ``n_samples``, ``strength``, ``init_img``, ``mask``
+(inpaint), ``depth_map`` (depth2img) and the SLD settings (``sld``, ``sld_guidance_scale``, ``sld_warmup_steps``, ``sld_threshold``, ``sld_momentum_scale``,
 ``sld_momentum_beta``, ``safety_concept``). Empty cells and missing keys take the command's flags. Every line is
 checked here (names and types) and again against the model once the plan knows it; a bad line is one error naming
 the file and the line. Other columns are an error unless named with ``--tags``: their values are carried to the
@@ -57,13 +57,14 @@ def _text(value: Any) -> str:
 FIELDS: dict[str, Callable[[Any], Any]] = {
     "prompt": _text, "negative_prompt": _text, "seed": _int, "steps": _int, "scale": _float, "sampler": _text,
     "eta": _float, "height": _int, "width": _int, "n_samples": _int, "strength": _float, "init_img": _text,
+    "mask": _text, "depth_map": _text,
     "sld": _text, "sld_guidance_scale": _float, "sld_warmup_steps": _int, "sld_threshold": _float,
     "sld_momentum_scale": _float, "sld_momentum_beta": _float, "safety_concept": _text, "clip_skip": _int,
     "schedule": _text, "noise_level": _int, "prior_steps": _int, "prior_scale": _float,
 }
 #: Other spellings of the fields (the flags' names).
 ALIASES = {"H": "height", "W": "width", "negative-prompt": "negative_prompt", "ddim_steps": "steps",
-           "n-samples": "n_samples", "init-img": "init_img", "ddim_eta": "eta",
+           "n-samples": "n_samples", "init-img": "init_img", "depth-map": "depth_map", "ddim_eta": "eta",
            "clip-skip": "clip_skip", "noise-level": "noise_level", "prior-steps": "prior_steps",
            "prior-scale": "prior_scale"}
 SLD_FIELDS = ("sld", "sld_guidance_scale", "sld_warmup_steps", "sld_threshold", "sld_momentum_scale",

@@ -104,9 +104,12 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
                            "clip_stats_sha256": file_sha256(prior.stats) if prior.stats else None}
         header["noise_level"] = plan.settings.noise_level
     if plan.conditioning_images:
-        header["init_images"] = [{"path": str(i.path.resolve()), "sha256": i.sha256} for i in plan.init_images]
+        header["init_images"] = [{"path": str(i.path.resolve()), "sha256": i.sha256,
+                                  **({"extra": str(i.extra_path.resolve()), "extra_sha256": i.extra_sha256}
+                                     if i.extra_path is not None else {})} for i in plan.init_images]
         header["init_image_of"] = [job.init_image for batch in plan.batches for job in batch]
-        header["noise_level"] = plan.settings.noise_level
+        if plan.opts.command in ("unclip-variate", "upscale"):
+            header["noise_level"] = plan.settings.noise_level
     elif plan.init_images:
         header["init_image"] = {"path": str(plan.init_images[0].path.resolve()), "sha256": plan.init_images[0].sha256}
     header.update({
@@ -148,7 +151,8 @@ def png_settings(plan: RunPlan, settings: Settings, stages: Sequence[Stage],
         "Denoising strength": settings.strength,
         "Schedule type": SCHEDULE_LABELS.get(settings.schedule),
         "Eta DDIM": settings.eta if settings.sampler == "ddim" and settings.eta else None,
-        "Noise level": settings.noise_level if plan.conditioning_images or plan.prior is not None else None,
+        "Noise level": (settings.noise_level if plan.opts.command in ("unclip-variate", "upscale")
+                        or plan.prior is not None else None),
         "Prior": f"{plan.prior.checkpoint.stem} [{plan.prior.sha256[:10]}]" if plan.prior is not None else None,
         "Prior steps": settings.prior_steps,
         "Prior scale": settings.prior_scale,

@@ -92,9 +92,18 @@ def load_stage(plan: RunPlan, k: int, sigmas: Any, settings: Settings) -> Any:
     return make_stage(spec.role, model, sigmas, settings, (), triggers, two_stage=len(plan.models) == 2)
 
 
+def input_names(plan: RunPlan, job: Any) -> dict[str, str]:
+    """A job's input files for its PNG parameters: the image, and its mask or depth map."""
+    image = plan.init_images[job.init_image]
+    names = {"Init image": image.path.name}
+    if image.extra_path is not None:
+        names["Mask" if plan.opts.command == "inpaint" else "Depth map"] = image.extra_path.name
+    return names
+
+
 def job_record(plan: RunPlan, job: Any) -> dict[str, Any]:
     """What decides a job's pixels, as its image file records it (compared by ``--resume``)."""
-    init = plan.init_images[job.init_image].sha256 if job.init_image is not None else None
+    init = plan.init_images[job.init_image].key_sha256 if job.init_image is not None else None
     return job.key(plan.models_sha256(), init)
 
 
@@ -173,6 +182,10 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
         notices = [n for n in (missing_clip_stats_notice(m) for _, m in models if hasattr(m, "needs_clip_stats")) if n]
     notes = [f"config {spec.files.config.name} ({spec.config_reason})" for spec in plan.models if spec.config_reason]
     notes += plms_notices(plan, [model for _, model in models])
+    if opts.command == "inpaint":
+        notes.append("inpainting with the model's own mask input (mask and masked-image latent as UNet channels)"
+                     if plan.models[0].kind == "inpaint" else "inpainting with an ordinary checkpoint: the known "
+                     "region is blended in at each step (the original DDIM sampler's mask / x0 route)")
     hint = precision_hint(opts.precision, plan.device)
     if hint and not plan.uses_demo_model:
         notes.append(hint)
@@ -184,7 +197,8 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
 
     def stages_for(settings: Settings) -> tuple:
         if settings not in stages_of:
-            stages_of[settings] = build_stages(models, settings, conditioning, triggers, prior)
+            stages_of[settings] = build_stages(models, settings, conditioning, triggers, prior,
+                                               task="inpaint" if opts.command == "inpaint" else None)
         return stages_of[settings]
 
     lines: dict[Settings, dict] = {}
@@ -203,7 +217,7 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
         plan.out, rank=world.rank, main=world.is_main, header=header, safety=safety, settings_line=settings_line,
         batch_sizes={job.batch: len(batch) for batch in plan.batches for job in batch}, skip_save=opts.skip_save,
         job_record=lambda job: job_record(plan, job), previous=state["previous"],
-        per_image=(lambda job: {"Init image": names[job.init_image]}) if plan.conditioning_images else None,
+        per_image=(lambda job: input_names(plan, job)) if plan.conditioning_images else None,
         tags_of=(lambda job: line_tags.get(job.where)) if line_tags else None,
     )
     if progress is not None:

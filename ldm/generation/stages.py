@@ -91,11 +91,13 @@ def micro_conditioning(settings: Settings, role: str, two_stage: bool):
 
 def build_stages(
     models: Sequence[tuple[str, Any]], settings: Settings, images: Sequence[torch.Tensor] = (),
-    embeddings: Sequence[str] = (), prior: Any = None,
+    embeddings: Sequence[str] = (), prior: Any = None, task: Optional[str] = None,
 ) -> tuple[list[Stage], Optional[torch.Tensor]]:
     """The stages of a run of the loaded ``models`` (``(role, model)`` in order) and the img2img start sigma.
 
-    ``images`` are the run's init images (3, H, W) in [-1, 1], for conditioners that embed them (unCLIP);
+    ``images`` are the run's init images (C, H, W), RGB in [-1, 1] first, for conditioners that take them (unCLIP's
+    embedding, the concatenated inputs of inpainting, depth and upscaling); ``task`` "inpaint" when their 4th
+    channel is a mask to repaint;
     ``embeddings`` the trigger words of the textual-inversion embeddings registered in the models; ``prior`` the
     loaded Karlo prior of an unCLIP-L text-to-image run (a conditioning step of its conditioner).
     """
@@ -105,20 +107,27 @@ def build_stages(
             raise SdgenError(f"the {models[0][0]} and the {role} use different noise schedules; they cannot hand over")
     run_grids = plan_grids(settings, alphas, [role for role, _ in models])
     two_stage = len(models) == 2
-    stages = [make_stage(role, model, sigmas, settings, images, embeddings, two_stage, prior)
+    stages = [make_stage(role, model, sigmas, settings, images, embeddings, two_stage, prior, task)
               for (role, model), (_, sigmas) in zip(models, run_grids.stages)]
     return stages, run_grids.start_sigma
 
 
 def make_stage(role: str, model: Any, sigmas: torch.Tensor, settings: Settings, images: Sequence[torch.Tensor] = (),
-               embeddings: Sequence[str] = (), two_stage: bool = False, prior: Any = None) -> Stage:
-    """One stage: ``model``'s denoiser and conditioner (with the stage's micro-conditioning) on ``sigmas``."""
+               embeddings: Sequence[str] = (), two_stage: bool = False, prior: Any = None,
+               task: Optional[str] = None) -> Stage:
+    """One stage: ``model``'s denoiser and conditioner (with the stage's micro-conditioning) on ``sigmas``; a
+    conditioner that must see every denoiser call (``wrap_denoiser``: the known region of inpainting with an
+    ordinary model) wraps the denoiser."""
     text = TextOptions(settings.prompt_syntax, settings.clip_skip, tuple(embeddings))
     device = getattr(model, "device", None)
     inputs = ConditioningInputs(micro=micro_conditioning(settings, role, two_stage),
                                 images=[t.to(device) for t in images], noise_level=settings.noise_level, text=text,
-                                prior=prior, prior_steps=settings.prior_steps, prior_scale=settings.prior_scale)
-    stage = Stage(role, model, model.make_denoiser(settings.grid), model.make_conditioner(inputs), sigmas)
+                                prior=prior, prior_steps=settings.prior_steps, prior_scale=settings.prior_scale,
+                                task=task)
+    conditioner = model.make_conditioner(inputs)
+    denoiser = model.make_denoiser(settings.grid)
+    wrap = getattr(conditioner, "wrap_denoiser", None)
+    stage = Stage(role, model, wrap(denoiser) if wrap is not None else denoiser, conditioner, sigmas)
     logger.info("%s: %d steps, sigma %.4f -> %.4f", role, stage.steps, float(sigmas[0]), float(sigmas[-1]))
     return stage
 

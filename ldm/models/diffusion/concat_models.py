@@ -83,6 +83,7 @@ class LatentInpaintDiffusion(LatentFinetuneDiffusion):
     """
 
     input_channels = 4  # RGB + mask
+    family = "inpaint"  # ldm.model_files.model_kind / ldm.defaults
 
     def __init__(self, concat_keys: Sequence[str] = ("mask", "masked_image"), masked_image_key: str = "masked_image",
                  *args: Any, **kwargs: Any) -> None:
@@ -110,6 +111,8 @@ class LatentDepth2ImageDiffusion(LatentFinetuneDiffusion):
     """SD 2 depth-to-image: UNet input = [latent (4), depth (1)], the depth of the input image by MiDaS DPT-Hybrid
     (``depth_model``), resized bicubically to the latent and min-max scaled to [-1, 1] per image (SAI2
     scripts/gradio/depth2img.py l.75-92). A job's input may carry a given depth map as a 4th channel instead."""
+
+    family = "depth"
 
     def __init__(self, depth_stage_config: Mapping[str, Any], concat_keys: Sequence[str] = ("midas_in",),
                  *args: Any, **kwargs: Any) -> None:
@@ -145,6 +148,7 @@ class LatentUpscaleDiffusion(LatentDiffusion):
     """
 
     input_channels = 3
+    family = "upscale"
 
     def __init__(self, *args: Any, low_scale_config: Mapping[str, Any], low_scale_key: str = "LR",
                  noise_level_key: Optional[str] = None, **kwargs: Any) -> None:
