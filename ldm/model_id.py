@@ -283,7 +283,7 @@ class Rule:
 # ----------------------------------------------------------------------------- the table
 
 OPENCLIP = Prefix("cond_stage_model.model.", "OpenCLIP ViT-H text encoder: SD 2")
-CLIP_L = Prefix("cond_stage_model.transformer.", "CLIP ViT-L text encoder: SD 1")
+CLIP_L = Prefix("cond_stage_model.transformer.", "CLIP text encoder: the SD 1 layout")
 PLAIN_UNET = Dim(UNET_IN, 1, 4, "4 latent input channels", unknown_ok=True)
 UNCLIP = AnyOf((Prefix("embedder.", "CLIP image embedder"), Prefix("noise_augmentor.", "embedding noise augmentor"),
                 AllOf((Key(ADM_KEY, "ADM input"), OPENCLIP))))

@@ -3,8 +3,8 @@
 A run manifest (``OUTDIR/run-NNNN.json``) holds every option of the run, the prompts, the per-image seeds and
 the sha256 of every file; the replay refuses files that changed, and on the same device (and torch build) the
 images are identical to the recorded ones. A PNG written by sdgen or by AUTOMATIC1111 is rerun from its
-parameters (:mod:`ldm.generation.png_replay`): its checkpoint is found by its Model hash among ``--ckpt`` and
-``--models-dir``.
+parameters (:mod:`ldm.generation.png_replay`): its checkpoint is found by its Model hash among ``--ckpt``,
+``--models-dir``, the default checkpoint paths and the bundled demo model.
 """
 
 from __future__ import annotations

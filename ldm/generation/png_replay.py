@@ -1,9 +1,10 @@
 """``sdgen replay IMAGE.png``: run the image again from the generation parameters it carries.
 
 The ``parameters`` text chunk is AUTOMATIC1111's format (sdgen writes it too): the prompt, ``Negative prompt:``
-and a ``Key: value`` line. The checkpoint is found by its ``Model hash`` (sha256[:10]) among ``--ckpt`` and the
-files of ``--models-dir``; the config is picked from the checkpoint (:mod:`ldm.config_choice`). LoRA tags stay in
-the prompt (looked up in ``--models-dir``), embeddings too. Fields sdgen does not act on are listed in one
+and a ``Key: value`` line. The checkpoint is found by its ``Model hash`` (sha256[:10]) among ``--ckpt``, the
+files of ``--models-dir``, the default checkpoint paths and the bundled demo model; the config is picked from
+the checkpoint (:mod:`ldm.config_choice`). LoRA tags stay in the prompt (looked up in ``--models-dir``),
+embeddings too. Fields sdgen does not act on are listed in one
 warning and ignored. The image's own seed is its ``Seed``, so one image is made, with that seed.
 
 An sdgen PNG also holds its job record (``sdgen-job``): its exact settings (precision, grid, churn, SLD) are
@@ -59,17 +60,32 @@ def find_checkpoint(short_hash: str, candidates: list[Path]) -> Path:
     for path in candidates:
         if file_sha256(path).startswith(short):
             return path
-    raise SdgenError(f"no checkpoint with Model hash {short} among --ckpt / --models-dir "
-                     f"({len(candidates)} files looked at)")
+    raise SdgenError(f"no checkpoint with Model hash {short} among --ckpt / --models-dir, the default checkpoint "
+                     f"paths and the demo model ({len(candidates)} files looked at): pass --ckpt or --models-dir")
+
+
+def default_checkpoints() -> list[Path]:
+    """The checkpoints a run finds without ``--ckpt`` that exist here: the original scripts' default paths
+    (:data:`ldm.model_files.DEFAULT_CKPT`, the unCLIP-L checkpoint, the Karlo prior; working directory first,
+    then the bundled files) and the bundled demo model."""
+    from ldm.model_files import DEFAULT_CKPT, DEFAULT_UNCLIP_CKPT, demo_model_files, find_file
+    from ldm.models.prior.files import DEFAULT_PRIOR
+
+    found = [find_file(p) for p in (DEFAULT_CKPT, DEFAULT_UNCLIP_CKPT, DEFAULT_PRIOR)]
+    demo = demo_model_files()
+    return [p for p in found if p.is_file()] + ([demo.checkpoint] if demo is not None else [])
 
 
 def checkpoint_candidates(ckpt: Optional[str], models_dir: Optional[str]) -> list[Path]:
+    """Where a PNG's checkpoint is looked for, in order: ``--ckpt``, the files of ``--models-dir``, then
+    :func:`default_checkpoints` (a first replay needs no flag for an image of the demo model)."""
     out = [Path(ckpt).expanduser()] if ckpt else []
     if models_dir:
         root = Path(models_dir).expanduser()
         if not root.is_dir():
             raise SdgenError(f"--models-dir {models_dir} is not a folder")
         out += sorted(p for p in root.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+    out += [p for p in default_checkpoints() if p not in out]
     return [p for p in out if p.is_file()]
 
 
@@ -129,12 +145,8 @@ def options_from_png(path: str | Path, *, ckpt: Optional[str] = None, models_dir
             values["aesthetic_score"], values["negative_aesthetic_score"] = (float(v) for v in score.split("/"))
         used |= {"Refiner", "Refiner switch at", "Aesthetic score"}
     if "Prior" in fields:  # unCLIP-L text-to-image: "Prior: NAME [HASH]", found like the checkpoint
-        from ldm.model_files import find_file
-        from ldm.models.prior.files import DEFAULT_PRIOR
-
-        default = find_file(DEFAULT_PRIOR)
         prior_hash = str(fields["Prior"]).rpartition("[")[2].rstrip("]")
-        values.update(prior=str(find_checkpoint(prior_hash, candidates + ([default] if default.is_file() else []))),
+        values.update(prior=str(find_checkpoint(prior_hash, candidates)),
                       prior_steps=_number(fields, "Prior steps", int), prior_scale=_number(fields, "Prior scale"),
                       noise_level=_number(fields, "Noise level", int))
         used |= {"Prior", "Prior steps", "Prior scale", "Noise level"}
@@ -158,4 +170,5 @@ def options_from_png(path: str | Path, *, ckpt: Optional[str] = None, models_dir
     return opts, ignored
 
 
-__all__ = ["options_from_png", "sampler_and_schedule", "find_checkpoint"]
+__all__ = ["checkpoint_candidates", "default_checkpoints", "find_checkpoint", "options_from_png",
+           "sampler_and_schedule"]
