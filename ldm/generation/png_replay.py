@@ -66,13 +66,14 @@ def find_checkpoint(short_hash: str, candidates: list[Path]) -> Path:
 
 def default_checkpoints() -> list[Path]:
     """The checkpoints a run finds without ``--ckpt`` that exist here: the original scripts' default paths
-    (:data:`ldm.model_files.DEFAULT_CKPT`, the unCLIP-L checkpoint, the Karlo prior; working directory first,
-    then the bundled files) and the bundled demo model."""
-    from ldm.model_files import DEFAULT_CKPT, DEFAULT_UNCLIP_CKPT, demo_model_files, find_file
+    (:data:`ldm.model_files.DEFAULT_CKPT`, the unCLIP-L, inpainting, depth and x4-upscaler checkpoints, the Karlo
+    prior; working directory first, then the bundled files) and the bundled demo model."""
+    from ldm import model_files as mf
     from ldm.models.prior.files import DEFAULT_PRIOR
 
-    found = [find_file(p) for p in (DEFAULT_CKPT, DEFAULT_UNCLIP_CKPT, DEFAULT_PRIOR)]
-    demo = demo_model_files()
+    found = [mf.find_file(p) for p in (mf.DEFAULT_CKPT, mf.DEFAULT_UNCLIP_CKPT, mf.DEFAULT_INPAINT_CKPT,
+                                       mf.DEFAULT_DEPTH_CKPT, mf.DEFAULT_UPSCALE_CKPT, DEFAULT_PRIOR)]
+    demo = mf.demo_model_files()
     return [p for p in found if p.is_file()] + ([demo.checkpoint] if demo is not None else [])
 
 
