@@ -251,8 +251,8 @@ def check_family(opts: GenerateOptions, specs: list[ModelSpec]) -> None:
     (raises SdgenError)."""
     needs = COMMAND_FAMILIES.get(opts.command)
     if needs is not None and specs[0].kind not in needs:
-        raise SdgenError(f"sdgen {opts.command} needs {' or '.join(FAMILY_NAMES[f] for f in needs)} model; the config "
-                         f"{specs[0].files.config.name} builds {FAMILY_NAMES.get(specs[0].kind, 'another')} model")
+        raise SdgenError(f"sdgen {opts.command} needs a {' or '.join(FAMILY_NAMES[f] for f in needs)} model; the config "
+                         f"{specs[0].files.config.name} builds a {FAMILY_NAMES.get(specs[0].kind, 'another')} model")
     given = [flag for name, flag in PRIOR_FLAGS.items() if getattr(opts, name, None) is not None]
     if given and not uses_prior(opts, specs):
         raise SdgenError(f"{', '.join(given)} apply to txt2img with an unCLIP-L checkpoint (the Karlo prior) only")
@@ -299,7 +299,7 @@ def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int
         noise_level=opts.noise_level or 0, original_size=parse_pair(FLAGS["original_size"], opts.original_size),
         crop_coords=parse_pair(FLAGS["crop_coords"], opts.crop_coords),
         target_size=parse_pair(FLAGS["target_size"], opts.target_size),
-        sld=opts.sld, prompt_syntax=opts.prompt_syntax, clip_skip=opts.clip_skip,
+        sld=opts.sld, prompt_syntax=opts.prompt_syntax, clip_skip=opts.clip_skip, tile=bool(opts.tile),
         **({"prior_steps": opts.prior_steps, "prior_scale": opts.prior_scale} if uses_prior(opts, specs) else {}),
         **{k: getattr(opts, k) for k in ("aesthetic_score", "negative_aesthetic_score") if getattr(opts, k) is not None},
     )

@@ -66,7 +66,7 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
         dtype = weights_dtype(spec.kind, plan.opts.precision, plan.device) if spec.kind == "sdxl" else None
         model = load_model(spec.config, spec.files.checkpoint, device=home, dtype=dtype)
     model = prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
-                                  vae_tiling=plan.opts.vae_tiling)
+                                  vae_tiling=plan.opts.vae_tiling or plan.opts.tile)  # upscale --tile: tiled decode
     if offload:
         from ldm.generation.offload import offload_model
 
@@ -301,7 +301,7 @@ def execute(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = None
     return run(plan, world=world, progress=progress if world.is_main else None, notify=notify)
 
 
-REPLAYABLE = ("txt2img", "img2img", "safe-txt2img", "unclip-variate", "sdxl-refine")
+REPLAYABLE = ("txt2img", "img2img", "safe-txt2img", "unclip-variate", "sdxl-refine", "inpaint", "depth2img", "upscale")
 
 
 def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
@@ -323,7 +323,8 @@ def options_from_manifest(data: Mapping[str, Any], outdir: Optional[str] = None,
     expect = {
         "checkpoint_sha256": (data.get("model") or {}).get("checkpoint_sha256"),
         "refiner_checkpoint_sha256": (data.get("refiner") or {}).get("checkpoint_sha256"),
-        "init_image_sha256": ([entry["sha256"] for entry in inits] if inits is not None
+        "init_image_sha256": ([entry["sha256"] + (f"+{entry['extra_sha256']}" if entry.get("extra_sha256") else "")
+                               for entry in inits] if inits is not None
                               else (data.get("init_image") or {}).get("sha256")),
         "prior_sha256": (data.get("prior") or {}).get("checkpoint_sha256"),
         "adapters": data.get("adapters"),
