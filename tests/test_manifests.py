@@ -24,11 +24,14 @@ CASES = {
         {"cond_stage_model.transformer.text_model.embeddings.position_ids"},
     ),
     "configs/stable-diffusion/v2-inference-v.yaml": ("v2-1_768-ema-pruned", set()),
+    "configs/stable-diffusion/v2-inpainting-inference.yaml": ("512-inpainting-ema", set()),
+    "configs/stable-diffusion/v2-midas-inference.yaml": ("512-depth-ema", set()),
+    "configs/stable-diffusion/x4-upscaling.yaml": ("x4-upscaler-ema", set()),
 }
 
 # manifest param_counts label prefix -> module path in LatentDiffusion
 COMPONENTS = {"model.diffusion_model": "model.diffusion_model", "first_stage_model": "first_stage_model",
-              "cond_stage_model": "cond_stage_model"}
+              "cond_stage_model": "cond_stage_model", "depth_model": "depth_model", "low_scale_model": "low_scale_model"}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
