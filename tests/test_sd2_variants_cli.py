@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = {name: str(REPO / "configs" / "tests" / f"{name}-tiny.yaml")
         for name in ("sd2-inpaint", "sd2-depth", "x4-upscaler", "sd2v")}
 COMMANDS = {"inpaint": "ldm.cli.inpaint:inpaint", "depth2img": "ldm.cli.depth2img:depth2img",
-            "upscale": "ldm.cli.upscale:upscale", "txt2img": "ldm.cli.txt2img:txt2img"}
+            "upscale": "ldm.cli.upscale:upscale", "txt2img": "ldm.cli.txt2img:txt2img",
+            "replay": "ldm.cli.replay:replay"}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def files(tmp_path_factory, hash_cache_dir) -> dict[str, Path]:
     for name, cfg in TINY.items():
         out[name] = root / f"{name}.safetensors"
         save_file(randomized_state_dict(build_model_on_meta(load_config(cfg)), seed=3), str(out[name]))
+        (root / f"{name}.yaml").write_text(Path(cfg).read_text())  # found beside the file by a PNG replay
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "image.png")
     Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(root / "small.png")
@@ -177,6 +179,18 @@ def test_resume_and_replay_reproduce_the_images(cli, files, tmp_path) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(first, _samples(tmp_path / "again")))
 
 
+def test_png_replay_asks_for_the_inputs_and_reproduces(cli, files, tmp_path) -> None:
+    out = tmp_path / "p"
+    assert cli(*_args(files, "inpaint", out)).exit_code == 0
+    png = out / "samples" / "00000.png"
+    refused = cli("replay", png, "--ckpt", files["sd2-inpaint"], "--outdir", tmp_path / "q")
+    assert refused.exit_code == 2 and "--init-img and --mask" in refused.output
+    again = cli("replay", png, "--ckpt", files["sd2-inpaint"], "--outdir", tmp_path / "q", "--init-img", files["image"],
+                "--mask", files["mask"])
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(_samples(out)[0], _samples(tmp_path / "q")[0])
+
+
 def test_sld_runs_on_inpainting(cli, files, tmp_path) -> None:
     result = cli(*_args(files, "inpaint", tmp_path / "s", "--sld", "max"))
     assert result.exit_code == 0, result.output
@@ -192,6 +206,15 @@ def test_depth_map_replaces_midas(cli, files, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert not np.array_equal(_samples(tmp_path / "m")[0], _samples(tmp_path / "d")[0])
     assert read_parameters(tmp_path / "d" / "samples" / "00000.png")["Depth map"] == "depth.png"
+
+
+def test_depth_strength_one_starts_from_pure_noise_one_step_short(cli, files, tmp_path) -> None:
+    """The depth2img script: t_enc = min(int(strength * steps), steps - 1); at 1.0 pure noise (do_full_sample)."""
+    for strength in ("0.9", "1.0"):
+        assert cli(*_args(files, "depth2img", tmp_path / strength, "--strength", strength)).exit_code == 0
+        stage = json.loads((tmp_path / strength / "run-0000.json").read_text())["stages"][0]
+        assert stage["timesteps"] == [501, 251, 1]  # 4 steps: 3 run, the first one grid point below t_enc
+    assert not np.array_equal(_samples(tmp_path / "0.9")[0], _samples(tmp_path / "1.0")[0])
 
 
 @pytest.mark.parametrize("command, extra, message", [

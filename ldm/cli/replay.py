@@ -30,13 +30,18 @@ def replay(
         "--models-dir", show_default=False,
         help="PNG: a folder of checkpoints (found by the image's Model hash), LoRAs and embeddings")] = None,
     init_img: Annotated[Optional[str], typer.Option("--init-img", show_default=False,
-                                                    help="PNG made by img2img: its input image")] = None,
+                                                    help="PNG made by img2img, inpaint, depth2img or upscale: "
+                                                    "its input image")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", show_default=False,
+                                                help="PNG made by inpaint: its mask")] = None,
+    depth_map: Annotated[Optional[str], typer.Option("--depth-map", show_default=False,
+                                                     help="PNG made by depth2img --depth-map: its depth map")] = None,
 ) -> None:
     """Re-run a recorded run from its manifest, or one image from its PNG parameters."""
     from ldm.cli.progress import replay_command, replay_png_command
 
     if recorded.suffix.lower() == ".png":
         replay_png_command(recorded, outdir=outdir, device=device, ckpt=ckpt, models_dir=models_dir,
-                           init_img=init_img)
+                           init_img=init_img, mask=mask, depth_map=depth_map)
     else:
         replay_command(recorded, outdir, device)

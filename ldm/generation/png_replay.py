@@ -92,7 +92,8 @@ def checkpoint_candidates(ckpt: Optional[str], models_dir: Optional[str]) -> lis
 
 def options_from_png(path: str | Path, *, ckpt: Optional[str] = None, models_dir: Optional[str] = None,
                      outdir: Optional[str] = None, device: Optional[str] = None,
-                     init_img: Optional[str] = None) -> tuple[GenerateOptions, list[str]]:
+                     init_img: Optional[str] = None, mask: Optional[str] = None,
+                     depth_map: Optional[str] = None) -> tuple[GenerateOptions, list[str]]:
     """(options that make the image again, the fields ignored) from a PNG's parameters."""
     from ldm.files import require_file
     from ldm.output import read_parameters
@@ -125,7 +126,24 @@ def options_from_png(path: str | Path, *, ckpt: Optional[str] = None, models_dir
         values.update(lora_dir=models_dir, embeddings_dir=models_dir)
     used = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "Eta DDIM", "Prompt syntax"}
     command = "txt2img"
-    if "Denoising strength" in fields:
+    input_command = _input_command(checkpoint, fields)
+    if input_command is not None:  # inpaint / depth2img / upscale: the image's inputs are needed again
+        command = input_command
+        given = {"init_img": init_img, "mask": mask if command == "inpaint" else None,
+                 "depth_map": depth_map if "Depth map" in fields else None}
+        needed = {"init_img": "--init-img", **({"mask": "--mask"} if command == "inpaint" else {}),
+                  **({"depth_map": "--depth-map"} if "Depth map" in fields else {})}
+        missing = [flag for name, flag in needed.items() if not given[name]]
+        if missing:
+            raise SdgenError(f"{png.name} was made by sdgen {command}: pass its inputs with {' and '.join(missing)}"
+                             f" ({', '.join(str(fields.get(k)) for k in ('Init image', 'Mask', 'Depth map') if k in fields)})")
+        values.update({k: v for k, v in given.items() if v is not None})
+        if command == "depth2img":
+            values["strength"] = _number(fields, "Denoising strength")
+        if command == "upscale":
+            values["noise_level"] = _number(fields, "Noise level", int)
+        used |= {"Denoising strength", "Noise level", "Init image", "Mask", "Depth map"}
+    elif "Denoising strength" in fields:
         command = "img2img"
         if not init_img:
             raise SdgenError(f"{png.name} was made by img2img (Denoising strength {fields['Denoising strength']}): "
@@ -169,6 +187,17 @@ def options_from_png(path: str | Path, *, ckpt: Optional[str] = None, models_dir
     ignored = sorted(k for k in fields if k not in used and k not in DESCRIPTIVE)
     opts = GenerateOptions(command=command, **{k: v for k, v in values.items() if v is not None})
     return opts, ignored
+
+
+def _input_command(checkpoint: Path, fields: dict[str, Any]) -> Optional[str]:
+    """The input command that made an image: its checkpoint's (:func:`ldm.model_id.identify_file`), or inpaint for
+    an ordinary checkpoint when the parameters name a mask; None for the other commands."""
+    from ldm.model_id import identify_file
+
+    command = identify_file(checkpoint).command
+    if command in ("inpaint", "depth2img", "upscale"):
+        return command
+    return "inpaint" if "Mask" in fields else None
 
 
 __all__ = ["checkpoint_candidates", "default_checkpoints", "find_checkpoint", "options_from_png",

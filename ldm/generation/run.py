@@ -198,7 +198,7 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
     def stages_for(settings: Settings) -> tuple:
         if settings not in stages_of:
             stages_of[settings] = build_stages(models, settings, conditioning, triggers, prior,
-                                               task="inpaint" if opts.command == "inpaint" else None)
+                                               task=opts.command if plan.conditioning_images else None)
         return stages_of[settings]
 
     lines: dict[Settings, dict] = {}

@@ -75,6 +75,17 @@ def plan_grids(settings: Settings, alphas_cumprod, roles: Sequence[str]) -> RunG
     return RunGrids(((roles[0], base), (roles[1], refiner)))
 
 
+def depth_full_sample(run_grids: RunGrids, settings: Settings) -> RunGrids:
+    """SAI2 ``scripts/gradio/depth2img.py`` l.127-137: ``t_enc = min(int(strength * steps), steps - 1)``, and at
+    strength 1.0 (``do_full_sample``) the start is pure noise, still decoded from grid point ``t_enc - 1``: one step
+    fewer than the grid (49 of 50). An infinite start sigma makes :func:`ldm.sampling.grids.img2img_start` return
+    exactly the image's noise (sqrt(0) z0 + sqrt(1) noise)."""
+    if settings.grid != "ddim" or settings.strength is None or settings.strength < 1.0:
+        return run_grids
+    (role, sigmas), = run_grids.stages
+    return RunGrids(((role, sigmas[1:]),), torch.tensor(float("inf"), dtype=sigmas.dtype))
+
+
 def micro_conditioning(settings: Settings, role: str, two_stage: bool):
     """The SDXL micro-conditioning of a stage: the flags' sizes, crop and scores; the refiner of a base ->
     refiner run gets the SGM demo's fixed values (image size, crop (0, 0)) with the aesthetic scores."""
@@ -106,6 +117,8 @@ def build_stages(
         if not torch.equal(torch.as_tensor(model.alphas_cumprod).double().cpu(), torch.as_tensor(alphas).double().cpu()):
             raise SdgenError(f"the {models[0][0]} and the {role} use different noise schedules; they cannot hand over")
     run_grids = plan_grids(settings, alphas, [role for role, _ in models])
+    if task == "depth2img":
+        run_grids = depth_full_sample(run_grids, settings)
     two_stage = len(models) == 2
     stages = [make_stage(role, model, sigmas, settings, images, embeddings, two_stage, prior, task)
               for (role, model), (_, sigmas) in zip(models, run_grids.stages)]
@@ -117,7 +130,8 @@ def make_stage(role: str, model: Any, sigmas: torch.Tensor, settings: Settings, 
                task: Optional[str] = None) -> Stage:
     """One stage: ``model``'s denoiser and conditioner (with the stage's micro-conditioning) on ``sigmas``; a
     conditioner that must see every denoiser call (``wrap_denoiser``: the known region of inpainting with an
-    ordinary model) wraps the denoiser."""
+    ordinary model) wraps the denoiser. With ``settings.tile`` the network's denoiser runs on overlapping latent
+    tiles (:class:`ldm.sampling.tiled.TiledDenoiser`; under the guider, which the generation loop adds)."""
     text = TextOptions(settings.prompt_syntax, settings.clip_skip, tuple(embeddings))
     device = getattr(model, "device", None)
     inputs = ConditioningInputs(micro=micro_conditioning(settings, role, two_stage),
@@ -126,6 +140,10 @@ def make_stage(role: str, model: Any, sigmas: torch.Tensor, settings: Settings, 
                                 task=task)
     conditioner = model.make_conditioner(inputs)
     denoiser = model.make_denoiser(settings.grid)
+    if settings.tile:
+        from ldm.sampling.tiled import TiledDenoiser
+
+        denoiser = TiledDenoiser(denoiser)
     wrap = getattr(conditioner, "wrap_denoiser", None)
     stage = Stage(role, model, wrap(denoiser) if wrap is not None else denoiser, conditioner, sigmas)
     logger.info("%s: %d steps, sigma %.4f -> %.4f", role, stage.steps, float(sigmas[0]), float(sigmas[-1]))
