@@ -113,7 +113,7 @@ def resolve_checkpoint(ckpt: Optional[str], config: Optional[str], *, demo: bool
                 logger.warning(
                     "no Stable Diffusion checkpoint found (none at %s): using the bundled demo model %s "
                     "(64x64 images of simple colored shapes); pass --ckpt PATH (.ckpt or .safetensors) for a real one",
-                    DEFAULT_CKPT, DEMO_CKPT,
+                    default_ckpt, DEMO_CKPT,
                 )
                 return files
             if default_ckpt == DEFAULT_CKPT:
