@@ -40,6 +40,8 @@ class Settings:
         schedule: A1111's "Schedule type" (default, karras, exponential, sgm_uniform) that chose ``grid``.
         prior_steps, prior_scale: the Karlo prior's respaced steps and guidance scale (unCLIP-L text-to-image),
             None without a prior.
+        tile: the denoiser runs on overlapping latent tiles blended at every step (``upscale --tile``,
+            :class:`ldm.sampling.tiled.TiledDenoiser`).
     """
 
     sampler: str
@@ -70,6 +72,7 @@ class Settings:
     schedule: str = "default"
     prior_steps: Optional[int] = None
     prior_scale: Optional[float] = None
+    tile: bool = False
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
