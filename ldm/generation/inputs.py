@@ -106,10 +106,11 @@ class InitImages:
         return self._index[key]
 
 
-# Working memory of the x4 upscaler per low-res pixel and image, float32 (bytes): the decoder's last level holds
-# about four (B, 128, 4h, 4w) tensors (4 * 128 * 16 * 4 B), the UNet's first level a dozen (2B, 256, h, w) ones
-UPSCALE_DECODER_BYTES = 32768
-UPSCALE_UNET_BYTES = 24576
+# Working memory of the x4 upscaler per low-res pixel and image, float32 (bytes): the peak resident memory above the
+# loaded weights, slope of whole runs at 32 and 64 px low-res (scripts/benchmark_upscale.py on an AMD EPYC, 2 threads,
+# packed convolutions): the VAE decode 89280 B, one UNet step on the CFG batch of 2 46960 B
+UPSCALE_DECODER_BYTES = 89280
+UPSCALE_UNET_BYTES = 46960
 
 
 def upscale_memory(height: int, width: int, batch: int) -> int:

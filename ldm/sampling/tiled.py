@@ -29,7 +29,7 @@ import torch
 from ldm.errors import SdgenError
 
 #: latent pixels per tile side: the x4 upscaler was trained on 128 px low-res crops (latent = low-res size), and a
-#: full-size UNet call on a 128 x 128 latent with the CFG batch of 2 needs about 1 GiB (scripts/benchmark_upscale.py)
+#: full-size UNet call on a 128 x 128 latent with the CFG batch of 2 needs about 0.8 GB (scripts/benchmark_upscale.py)
 DEFAULT_TILE = 128
 #: latent pixels shared by neighbouring tiles: a quarter of the tile, wide enough for the blend to hide the tiles'
 #: disagreement at their borders, small enough that a 512 px input costs about 1.6x an untiled step
