@@ -222,3 +222,19 @@ def test_upscaler_concat_inputs_per_image(upscaler):
         n = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(seed))
         x, _ = upscaler.low_scale_model(d["lr"], 20, noise=n[None])
         assert torch.equal(got["concat"][row:row + 1], x)
+
+
+def test_sd15_inpainting_config_is_sd1_with_a_9_channel_input() -> None:
+    """configs/stable-diffusion/v1-inpainting-inference.yaml: the SD 1.x keys, the first convolution 9 channels wide
+    (runwayml's sd-v1-5-inpainting.ckpt layout)."""
+    from ldm.checkpoint import build_model_on_meta
+    from ldm.model_files import bundled_config
+    from tests.golden import released_manifest
+
+    model = build_model_on_meta(bundled_config("configs/stable-diffusion/v1-inpainting-inference.yaml"))
+    assert isinstance(model, LatentInpaintDiffusion)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    ref = {k: list(v) for k, v in released_manifest("sd-v1-4")["keys"].items()}
+    ref["model.diffusion_model.input_blocks.0.0.weight"] = [320, 9, 3, 3]
+    ref.pop("cond_stage_model.transformer.text_model.embeddings.position_ids")  # transformers < 4.31 only
+    assert ours == ref

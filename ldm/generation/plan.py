@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -416,7 +415,7 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
                     raise SdgenError(f"{where}: {exc}" if where else str(exc)) from None
                 groups.append(unit.settings)
     if opts.command == "upscale" and not opts.tile:
-        check_upscale_memory(groups, opts)
+        check_upscale_memory(groups, opts, specs[0].files.checkpoint.stat().st_size)
     adapters = plan_adapters(opts, run_prompts(opts, entries), [spec.config for spec in specs])
     if opts.safety_checker is not None and not opts.no_safety_checker:
         from ldm.checkpoint_reader import check_checkpoint_file
@@ -435,16 +434,18 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
     return RunPlan(opts, specs, groups, batches, entries, inits, out, device, sweeps, adapters, prior)
 
 
-def check_upscale_memory(groups: list[Settings], opts: GenerateOptions) -> None:
-    """Refuse, before loading, an untiled upscale whose estimated working memory exceeds what this machine has."""
+def check_upscale_memory(groups: list[Settings], opts: GenerateOptions, weights: int = 0) -> None:
+    """Refuse, before loading, an untiled upscale whose estimated working memory plus its ``weights`` (bytes, the
+    checkpoint's size) exceeds what this machine has."""
     free = available_memory()
     for settings in groups:
         h, w = settings.height // UPSCALE, settings.width // UPSCALE
-        need = upscale_memory(h, w, opts.n_samples or 1)
+        need = upscale_memory(h, w, opts.n_samples or 1) + weights
         if free is not None and need > free:
             raise SdgenError(f"upscaling a {w}x{h} image to {settings.width}x{settings.height} needs about "
-                             f"{need / 2**30:.1f} GiB of working memory and {free / 2**30:.1f} GiB are available: "
-                             "add --tile (bounded memory), or use a smaller input or --n_samples")
+                             f"{need / 2**30:.1f} GiB of memory (weights and working memory) and "
+                             f"{free / 2**30:.1f} GiB are available: add --tile (bounded memory), or use a smaller "
+                             "input or --n_samples")
 
 
 def run_prompts(opts: GenerateOptions, entries: list[PromptEntry]) -> list[tuple[tuple[str, ...], str]]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import nn
 
 from ldm.errors import SdgenError
 from ldm.modules.diffusionmodules.util import timestep_embedding
