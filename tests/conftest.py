@@ -90,3 +90,25 @@ def tiny_model(tiny_checkpoint: Path):
     from ldm.checkpoint import load_model
 
     return load_model(TINY_CONFIG, tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def sdgen_main(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Run the whole ``sdgen`` command line in this process (``ldm.cli.app.main``: every command registered, the
+    one-line error contract), in a working directory: ``(exit code, stdout, stderr)``. One test
+    (tests/test_cli.py) runs the installed ``sdgen`` as a subprocess; the others use this, which is seconds faster."""
+    from ldm.cli.app import main
+
+    def run(args, cwd: Path | None = None) -> tuple[int, str, str]:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

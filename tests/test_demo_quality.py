@@ -144,13 +144,32 @@ def test_demo_model_beats_a_random_model_by_a_margin(demo_report, random_report)
     assert demo_report.shape_accuracy - random_report.shape_accuracy >= 0.3, quality.format_table(random_report)
 
 
-def quality_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "scripts/quality.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture
+def quality_script(capsys):
+    """scripts/quality.py's ``main`` in this process: a CompletedProcess-like (returncode, stdout, stderr)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("quality_script", REPO / "scripts" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+
+    def run(*args: str) -> SimpleNamespace:
+        capsys.readouterr()
+        try:
+            code = module.main(list(args))
+        except SystemExit as exc:  # argparse errors
+            code = exc.code
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
 
 
-def test_quality_script_uses_the_config_sampling_defaults_and_scores():
+def test_quality_script_uses_the_config_sampling_defaults_and_scores(quality_script):
     result = quality_script("--steps", "2", "--seeds", "1", "--no-img2img", "--threads", "1")
     assert result.returncode in (0, 1), result.stderr  # 2 steps may miss the targets; it must still score
     first = result.stdout.splitlines()[0]
@@ -163,7 +182,7 @@ def test_quality_script_uses_the_config_sampling_defaults_and_scores():
     (("--sampler", "bogus"), "unknown sampler 'bogus'"),
     (("--seeds", "0"), "must be positive"),
 ])
-def test_quality_script_bad_input_is_one_line_and_exit_2(args, message):
+def test_quality_script_bad_input_is_one_line_and_exit_2(quality_script, args, message):
     result = quality_script(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert message in result.stderr.strip().splitlines()[-1]

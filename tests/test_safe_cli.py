@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,14 +152,10 @@ def test_watermark_flag(tmp_path: Path, model_args: list[str]) -> None:
         assert load_manifest(out / "run-0000.json")["safety"]["watermark"] == expected
 
 
-def test_subprocess(tmp_path: Path, tiny_checkpoint: Path, tiny_config: Path) -> None:
-    exe = shutil.which("sdgen")
-    command = [exe] if exe else [sys.executable, "-m", "ldm.cli"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+def test_command_line(tmp_path: Path, tiny_checkpoint: Path, tiny_config: Path, sdgen_main) -> None:
     args = ["safe-txt2img", "a red cube", "--ckpt", tiny_checkpoint, "--config", tiny_config, "--device", "cpu",
             "--H", "16", "--W", "16", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--sld", "strong",
             "--outdir", "out"]
-    proc = subprocess.run([*command, *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code, out, err = sdgen_main(args, cwd=tmp_path)
+    assert code == 0, err
     assert read_parameters(tmp_path / "out" / "samples" / "00000.png")["SLD"] == "strong"

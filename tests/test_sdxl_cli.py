@@ -3,10 +3,6 @@ subprocess, and ``sdgen txt2img`` / ``img2img`` with an SDXL config (the SDXL pi
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -227,23 +223,17 @@ def test_legacy_grid_counts_past_the_table_are_refused_before_loading(tmp_path, 
     assert_error(result, expected)
 
 
-def test_subprocess_end_to_end(tmp_path, files):
-    exe = shutil.which("sdgen")
-    command = [exe] if exe else [sys.executable, "-m", "ldm.cli"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+def test_command_line_end_to_end(tmp_path, files, sdgen_main):
     args = ["sdxl-refine", "--prompt", "a lighthouse at dusk", "--ckpt", files["base"], "--refiner-ckpt",
             files["refiner"], "--config", TINY_CONFIGS["base"], "--refiner-config", TINY_CONFIGS["refiner"],
             "--device", "cpu", "--H", "32", "--W", "32", "--steps", "6", "--outdir", "out"]
-    proc = subprocess.run([*command, *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "ready and waiting" in proc.stdout
+    code, out, err = sdgen_main(args, cwd=tmp_path)
+    assert code == 0, err
+    assert "ready and waiting" in out
     assert read_parameters(tmp_path / "out" / "samples" / "00000.png")["Refiner switch at"] == "0.8"
-    bad = subprocess.run([*command, "sdxl-refine", "x", "--ckpt", str(files["base"]), "--refiner-ckpt",
-                          str(files["refiner"]), "--high-noise-frac", "1.2"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    code, out, err = sdgen_main(["sdxl-refine", "x", "--ckpt", files["base"], "--refiner-ckpt", files["refiner"],
+                                 "--high-noise-frac", "1.2"], cwd=tmp_path)
+    assert code == 2 and err.strip().splitlines() == [
         "sdgen: error: --high-noise-frac must be strictly between 0 and 1 (the base's share of the noise range), "
         "got 1.2"
     ]

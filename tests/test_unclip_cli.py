@@ -4,8 +4,6 @@ determinism per seed, folders of init images, and one-line errors for bad input.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,18 +255,15 @@ def test_wrong_model_or_input_is_refused_with_what_is_needed(cli, files, tmp_pat
     assert result.exit_code == 2 and "--init-img" in result.output
 
 
-def test_sdgen_subprocess(files, tmp_path) -> None:
-    """The installed command line: ``python -m ldm.cli unclip-variate`` (app registration included)."""
-    cmd = [sys.executable, "-m", "ldm.cli", "unclip-variate", *map(str, _small(files, tmp_path / "out", "h",
-                                                                             "--n_samples", 1))]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert "Your samples are ready" in proc.stdout
+def test_sdgen_command_line(files, tmp_path, sdgen_main) -> None:
+    """The whole command line (``ldm.cli.app.main``: app registration included)."""
+    args = ["unclip-variate", *_small(files, tmp_path / "out", "h", "--n_samples", 1)]
+    code, out, err = sdgen_main(args, cwd=REPO)
+    assert code == 0, err
+    assert "Your samples are ready" in out
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
-    bad = subprocess.run(cmd[:4] + ["--noise-level", "2000", *cmd[4:]], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("sdgen: error: --noise-level")
+    code, out, err = sdgen_main(args[:1] + ["--noise-level", "2000", *args[1:]], cwd=REPO)
+    assert code == 2 and err.strip().startswith("sdgen: error: --noise-level")
 
 
 def test_txt2img_with_a_v_prediction_config(files, tmp_path) -> None:
