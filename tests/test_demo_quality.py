@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +23,6 @@ STEPS = 15  # fewer than the demo's default 25: enough for these targets, and fa
 SEEDS = (0, 1)
 #: The demo config's sampler and guidance scale (what txt2img uses without flags).
 DEMO_SAMPLING = {k: load_config(DEMO_CONFIG).sampling_defaults[k] for k in ("sampler", "scale")}
-
-
-def sdgen(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the real command (its own process: logging goes to stderr as for a user) in ``cwd``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ldm.cli.app", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 def demo_notes(stderr: str) -> list[str]:
@@ -66,7 +57,7 @@ def test_demo_files_are_small_safetensors():
     assert type(model.cond_stage_model).__name__ == "FrozenCLIPEmbedder"
 
 
-def test_fallback_uses_the_demo_model_and_says_so(tmp_path, monkeypatch):
+def test_fallback_uses_the_demo_model_and_says_so(tmp_path, monkeypatch, sdgen_main, caplog):
     monkeypatch.chdir(tmp_path)  # no models/ldm/stable-diffusion-v1/model.ckpt here (nor in the source tree)
     files = model_files.resolve_checkpoint(None, None)
     assert files.checkpoint == DEMO_CKPT.resolve() and files.config == DEMO_CONFIG.resolve()
@@ -74,13 +65,16 @@ def test_fallback_uses_the_demo_model_and_says_so(tmp_path, monkeypatch):
     with pytest.raises(SdgenError, match="checkpoint not found"):
         model_files.resolve_checkpoint("missing.ckpt", None)
     # no --n_iter: the demo config's own default (one iteration) gives n_samples images
-    result = sdgen(tmp_path, "txt2img", "--prompt", "a red circle on a white background", "--n_samples", "2",
-                   "--steps", str(STEPS), "--outdir", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    notes = demo_notes(result.stderr)
-    assert len(notes) == 1 and "no Stable Diffusion checkpoint" in notes[0] and "--ckpt" in notes[0], result.stderr
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        code, _, err = sdgen_main(["txt2img", "--prompt", "a red circle on a white background", "--n_samples", "2",
+                                   "--steps", STEPS, "--outdir", tmp_path / "out"], cwd=tmp_path)
+    assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    notes = demo_notes("\n".join(warnings))
+    assert len(notes) == 1 and "no Stable Diffusion checkpoint" in notes[0] and "--ckpt" in notes[0], warnings
     # and nothing else to warn about: the demo config needs no safety checker and is too small to watermark
-    assert [line for line in result.stderr.splitlines() if "WARNING" in line] == notes, result.stderr
+    assert warnings == notes, warnings
     images = sorted((tmp_path / "out/samples").glob("*.png"))
     assert len(images) == 2
     for path in images:
@@ -90,15 +84,16 @@ def test_fallback_uses_the_demo_model_and_says_so(tmp_path, monkeypatch):
         assert (found.color, found.shape) == ("red", "circle")
 
 
-def test_img2img_fallback_recolors(tmp_path, monkeypatch):
+def test_img2img_fallback_recolors(tmp_path, monkeypatch, sdgen_main, caplog):
     monkeypatch.chdir(tmp_path)
     init = ((quality.red_circle_image().permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
     Image.fromarray(init).save(tmp_path / "red.png")
-    result = sdgen(tmp_path, "img2img", "--prompt", "a blue circle", "--init-img", str(tmp_path / "red.png"),
-                   "--strength", "0.8", "--n_samples", "1", "--n_iter", "1", "--steps", str(STEPS),
-                   "--outdir", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    assert len(demo_notes(result.stderr)) == 1, result.stderr
+    with caplog.at_level(logging.WARNING):
+        code, _, err = sdgen_main(["img2img", "--prompt", "a blue circle", "--init-img", tmp_path / "red.png",
+                                   "--strength", "0.8", "--n_samples", "1", "--n_iter", "1", "--steps", STEPS,
+                                   "--outdir", tmp_path / "out"], cwd=tmp_path)
+    assert code == 0, err
+    assert len(demo_notes("\n".join(r.getMessage() for r in caplog.records))) == 1, caplog.text
     (image,) = sorted((tmp_path / "out/samples").glob("*.png"))
     assert quality.classify(np.asarray(Image.open(image).convert("RGB"))).color == "blue"
 
