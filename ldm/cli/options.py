@@ -169,6 +169,8 @@ def flags(command: str) -> SimpleNamespace:
                        "e.g. by torchrun or srun; --outdir on a shared file system)"),
         accelerator=_opt("--accelerator", kind=str, help="auto | cpu | cuda: what the processes run on"),
         dist_timeout=_opt("--dist-timeout", kind=float, help="seconds the processes wait for each other to connect"),
+        engine=_opt("--engine", kind=str, help="torch: PyTorch eager | openvino: the UNet and the VAE as OpenVINO "
+                    "models on the CPU (converted once and cached; the openvino extra)"),
         compile=_opt("--compile", kind=bool_, help="torch.compile the UNet (the first batch pays the compile time, "
                      "minutes on a CPU)"),
         vae_tiling=_opt("--vae-tiling", kind=bool_, help="decode in overlapping 512 px tiles, blended: bounded memory "
@@ -209,7 +211,7 @@ RUN_FLAGS = ("sweep", "resume", "devices", "threads", "num_nodes", "accelerator"
 #: The prompt and adapter flags: prompt syntax, clip skip, LoRA, embeddings, VAE.
 TEXT_FLAGS = ("prompt_syntax", "clip_skip", "lora", "lora_dir", "embedding", "embeddings_dir", "vae")
 #: Speed and memory flags.
-PERF_FLAGS = ("compile", "vae_tiling", "offload")
+PERF_FLAGS = ("engine", "compile", "vae_tiling", "offload")
 #: The SDXL grid and micro-conditioning flags.
 SDXL_FLAGS = ("grid", "original_size", "crop_coords", "target_size", "aesthetic_score", "negative_aesthetic_score")
 
@@ -221,7 +223,7 @@ SIGNATURE_DEFAULTS: dict[str, Any] = {
     "no_safety_checker": False, "no_watermark": False, "resume": False, "num_nodes": UNSET.num_nodes,
     "accelerator": UNSET.accelerator, "dist_timeout": UNSET.dist_timeout, "prompt_syntax": UNSET.prompt_syntax,
     "clip_skip": UNSET.clip_skip, "schedule": UNSET.schedule, "compile": False, "vae_tiling": False,
-    "low_memory": False, "offload": False, "i2p_settings": UNSET.i2p_settings,
+    "low_memory": False, "offload": False, "i2p_settings": UNSET.i2p_settings, "engine": UNSET.engine,
 }
 
 

@@ -111,9 +111,17 @@ def precision_hint(precision: str, device: torch.device) -> Optional[str]:
 
 
 def prepare_for_inference(model: Any, precision: str, device: torch.device, *, channels_last: bool = True,
-                          compile: bool = False, vae_tiling: bool = False, pack: bool = True) -> Any:
+                          compile: bool = False, vae_tiling: bool = False, pack: bool = True,
+                          engine: str = "torch") -> Any:
     """``model`` converted for a run at ``precision`` on ``device`` (see the module docstring); returns it.
-    ``pack``: packed convolutions on the CPU (they pack on their first call, after LoRA merges)."""
+    ``pack``: packed convolutions on the CPU (they pack on their first call, after LoRA merges). With another
+    ``engine`` (:mod:`ldm.engines`) the weights stay float32 and plain: that engine converts them itself."""
+    if engine != "torch":
+        if vae_tiling:
+            from ldm.models.vae_tiling import Tiling
+
+            model.first_stage_model.tiling = Tiling()
+        return model
     kind = "sdxl" if hasattr(model, "conditioner") else "sd"
     dtype = weights_dtype(kind, precision, device)
     if dtype is not None:

@@ -65,6 +65,7 @@ class GenerateOptions:
             long (s) processes wait for each other to connect (:mod:`ldm.generation.distributed`).
         threads: CPU threads per process (None: the cores shared out over the machine's processes).
         safety_checker / no_safety_checker / watermark: output safety; precision / device: where and how.
+        engine: how the networks execute: "torch" or "openvino" (:mod:`ldm.engines`).
         compile: ``torch.compile`` the UNet; vae_tiling: decode in overlapping tiles (bounded memory for large
             images) (:mod:`ldm.generation.inference`); offload: CUDA, weights in host memory, each part on the
             GPU only while it runs (:mod:`ldm.generation.offload`); low_memory: ``sdxl-refine`` keeps one of base and refiner
@@ -136,6 +137,7 @@ class GenerateOptions:
     resume: bool = False
     precision: str = "autocast"
     device: str = "auto"
+    engine: str = "torch"
     compile: bool = False
     vae_tiling: bool = False
     offload: bool = False

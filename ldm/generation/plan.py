@@ -20,6 +20,7 @@ from ldm.adapters.adapter_set import Adapters, plan_adapters
 from ldm.defaults import COMMAND_DEFAULTS, DEMO_COMMANDS, FAMILY_NAMES, INPUT_SIZED, defaults_for
 from ldm.errors import SdgenError
 from ldm.generation import images as image_io
+from ldm.engines import check_engine
 from ldm.generation.inputs import InitImage, InitImages, available_memory, upscale_memory
 from ldm.generation.checks import check_adapter_hashes, check_expectations, check_options, resolve_device
 from ldm.generation.jobs import SWEEP_FIELDS, Sweep, Unit, lay_out, parse_sweep, sweep_cells
@@ -299,6 +300,7 @@ def sampling_settings(opts: GenerateOptions, specs: list[ModelSpec], height: int
         crop_coords=parse_pair(FLAGS["crop_coords"], opts.crop_coords),
         target_size=parse_pair(FLAGS["target_size"], opts.target_size),
         sld=opts.sld, prompt_syntax=opts.prompt_syntax, clip_skip=opts.clip_skip, tile=bool(opts.tile),
+        engine=opts.engine,
         **({"prior_steps": opts.prior_steps, "prior_scale": opts.prior_scale} if uses_prior(opts, specs) else {}),
         **{k: getattr(opts, k) for k in ("aesthetic_score", "negative_aesthetic_score") if getattr(opts, k) is not None},
     )
@@ -423,6 +425,7 @@ def plan_run(opts: GenerateOptions, *, expect: Optional[Mapping[str, Any]] = Non
         check_checkpoint_file(opts.safety_checker, "safety-checker file")
     out = OutputFolder(opts.outdir)
     device = resolve_device(opts.device)
+    check_engine(opts.engine, opts.precision, device.type, compile=opts.compile, offload=opts.offload)
     inits = images.images
     found = {"checkpoint_sha256": specs[0].sha256,
              "refiner_checkpoint_sha256": specs[-1].sha256 if specs[-1].role == "refiner" else None,

@@ -169,6 +169,9 @@ def options_from_png(path: str | Path, *, ckpt: Optional[str] = None, models_dir
                       prior_steps=_number(fields, "Prior steps", int), prior_scale=_number(fields, "Prior scale"),
                       noise_level=_number(fields, "Noise level", int))
         used |= {"Prior", "Prior steps", "Prior scale", "Noise level"}
+    if str(fields.get("Engine", "")).startswith("openvino"):
+        values["engine"] = "openvino"
+        used.add("Engine")
     if settings:  # sdgen's own record: the exact settings
         values.update(precision=settings.get("precision", "autocast"), eta=settings.get("eta", values["eta"]))
         if settings.get("sld"):

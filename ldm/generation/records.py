@@ -112,6 +112,9 @@ def manifest_header(plan: RunPlan, stages: Sequence[Stage], notices: Sequence[st
             header["noise_level"] = plan.settings.noise_level
     elif plan.init_images:
         header["init_image"] = {"path": str(plan.init_images[0].path.resolve()), "sha256": plan.init_images[0].sha256}
+    from ldm.engines import engine_record
+
+    header.update(engine_record(plan.opts.engine))
     header.update({
         "notices": list(notices),
         "adapters": plan.adapters.record(),
@@ -174,6 +177,7 @@ def png_settings(plan: RunPlan, settings: Settings, stages: Sequence[Stage],
         "Batch size": None,
         "Batch pos": None,
         "Precision": settings.precision,
+        "Engine": _engine_field(settings.engine),
         "Version": f"sdgen {__version__}",
     }
 
@@ -211,3 +215,11 @@ def grid_image(plan: RunPlan, writer: Any, complete: bool) -> tuple[Optional[np.
     y_labels = [f"{y_axis.label}: {v}" for v in y_axis.values] if y_axis is not None else [""]
     return make_xy_grid(cells, x_labels, y_labels), first
 
+
+def _engine_field(engine: str) -> Optional[str]:
+    """The PNG's ``Engine`` field: none for the default torch engine, else the engine and its version."""
+    if engine == "torch":
+        return None
+    from ldm.engines import engine_record
+
+    return f"{engine} {engine_record(engine)['engine_version']}"

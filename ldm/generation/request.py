@@ -40,6 +40,7 @@ class Settings:
         schedule: A1111's "Schedule type" (default, karras, exponential, sgm_uniform) that chose ``grid``.
         prior_steps, prior_scale: the Karlo prior's respaced steps and guidance scale (unCLIP-L text-to-image),
             None without a prior.
+        engine: how the networks run, "torch" or "openvino" (:mod:`ldm.engines`): it changes the last bits.
         tile: the denoiser runs on overlapping latent tiles blended at every step (``upscale --tile``,
             :class:`ldm.sampling.tiled.TiledDenoiser`).
     """
@@ -73,6 +74,7 @@ class Settings:
     prior_steps: Optional[int] = None
     prior_scale: Optional[float] = None
     tile: bool = False
+    engine: str = "torch"
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

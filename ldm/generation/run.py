@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 import torch
 
 from ldm.adapters.adapter_set import apply_adapters
+from ldm.engines import apply_engine
 from ldm.errors import SdgenError
 from ldm.generation.distributed import World, check_same_run, check_shared_folder, start
 from ldm.generation.generate import generate, generate_model_by_model
@@ -66,7 +67,7 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
         dtype = weights_dtype(spec.kind, plan.opts.precision, plan.device) if spec.kind == "sdxl" else None
         model = load_model(spec.config, spec.files.checkpoint, device=home, dtype=dtype)
     model = prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
-                                  vae_tiling=plan.opts.vae_tiling or plan.opts.tile)  # upscale --tile: tiled decode
+                                  vae_tiling=plan.opts.vae_tiling or plan.opts.tile, engine=plan.opts.engine)  # upscale --tile: tiled decode
     if offload:
         from ldm.generation.offload import offload_model
 
@@ -89,6 +90,7 @@ def load_stage(plan: RunPlan, k: int, sigmas: Any, settings: Settings) -> Any:
     spec = plan.models[k]
     model = load_run_model(spec, plan)
     triggers = apply_adapters(model, plan.adapters, first=k == 0)
+    apply_engine(model, plan.opts.engine, plan.opts.precision, plan.models_sha256() + [spec.sha256])
     return make_stage(spec.role, model, sigmas, settings, (), triggers, two_stage=len(plan.models) == 2)
 
 
@@ -173,6 +175,7 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
     triggers: list[str] = []
     for n, (_, model) in enumerate(models if not low_memory else ()):
         triggers = apply_adapters(model, plan.adapters, first=n == 0)
+        apply_engine(model, opts.engine, opts.precision, plan.models_sha256() + [plan.models[n].sha256])
     # notices about the models (the manifest's "notices"), then notes on how the run was set up ("run_notes")
     if plan.prior is not None:
         from ldm.models.prior.files import missing_stats_notice
