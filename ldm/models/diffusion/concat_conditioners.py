@@ -64,7 +64,7 @@ class ConcatConditioner(TextConditioner):
         size)."""
         if hasattr(self.model, "low_scale_model"):
             return 1
-        return 2 ** (len(self.model.first_stage_model.encoder.down) - 1)
+        return int(self.model.first_stage_model.factor)
 
     def __call__(self, jobs: Sequence[Job], with_uncond: bool = True) -> dict[str, dict[str, Any]]:
         cond = super().__call__(jobs, with_uncond)
