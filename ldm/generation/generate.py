@@ -25,6 +25,7 @@ from ldm.errors import SdgenError
 from ldm.generation.images import to_uint8, to_unit_range
 from ldm.generation.request import ImageJob, Settings
 from ldm.generation.stages import Stage
+from ldm.modules.distributions import sample_latents
 from ldm.sampling import noise as noise_lib
 from ldm.sampling.grids import final_latent, img2img_start, initial_x
 from ldm.sampling.guidance import CFGGuidance
@@ -69,12 +70,6 @@ def encode_init_image(model: Any, image: torch.Tensor, precision: str) -> Any:
     device = model_device(model)
     with precision_context(precision, device):
         return model.encode_first_stage(image[None].to(device=device, dtype=torch.float32))
-
-
-def sample_init_latents(model: Any, posterior: Any, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One posterior sample per image (image i draws from ``generators[i]``), scaled: (B, C, h, w) float32."""
-    params = posterior.parameters.expand(len(generators), *posterior.parameters.shape[1:])
-    return model.get_first_stage_encoding(type(posterior)(params), generator=list(generators)).float()
 
 
 def finished_images(
@@ -153,7 +148,7 @@ def _start_batch(run: _Run, first: Stage, jobs: list[ImageJob], start_sigma: Opt
         if posterior is None:
             x = initial_x(noise, first.sigmas)
         else:
-            z0 = sample_init_latents(first.model, posterior, generators)
+            z0 = sample_latents(first.model, posterior, generators)
             x = img2img_start(settings.grid, z0, noise, start_sigma, first.sigmas)
         noise_sampler = noise_lib.noise_sampler_for(settings.sampler, seeds, shape, run.all_sigmas, device,
                                                     torch.float32, generators)

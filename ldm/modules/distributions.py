@@ -79,3 +79,12 @@ class DiagonalGaussianDistribution:
             return torch.zeros(sample.shape[0], device=sample.device)
         log_two_pi = torch.log(torch.tensor(2.0 * torch.pi, dtype=sample.dtype, device=sample.device))
         return 0.5 * torch.sum(log_two_pi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims))
+
+
+def sample_latents(model: "object", posterior: DiagonalGaussianDistribution,
+                   generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One sample of one image's ``posterior`` (batch 1) per generator, scaled as ``model.get_first_stage_encoding``
+    scales it: (len(generators), C, h, w) float32; row i draws from ``generators[i]`` (img2img init latents, the
+    inpainting masked-image and known-region latents)."""
+    params = posterior.parameters.expand(len(generators), *posterior.parameters.shape[1:])
+    return model.get_first_stage_encoding(type(posterior)(params), generator=list(generators)).float()

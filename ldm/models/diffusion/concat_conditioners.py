@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from ldm.errors import SdgenError
 from ldm.models.diffusion.conditioners import Job, TextConditioner, input_noise_seed
+from ldm.modules.distributions import sample_latents
+from ldm.sampling.noise import make_generators
 
 KNOWN_KEYS = ("known_latent", "known_keep", "known_noise")
 
@@ -38,26 +40,30 @@ class ConcatConditioner(TextConditioner):
     Args:
         model: a model with ``concat_inputs(image, seeds, latent_hw, cache, noise_level)``.
         inputs: :class:`ldm.models.diffusion.conditioners.ConditioningInputs` (``images``: each job's input,
-            (C, H, W); ``noise_level``; ``text``); ``latent_hw`` is taken from the sampler's latent.
+            (C, H, W); ``noise_level``; ``text``).
     """
 
     def __init__(self, model: Any, inputs: Any) -> None:
         super().__init__(model, getattr(inputs, "text", None))
         self.images = list(getattr(inputs, "images", ()) or ())
         self.noise_level = int(getattr(inputs, "noise_level", 0) or 0)
-        self.latent_hw: tuple[int, int] | None = None
         self._cache: dict[int, dict[str, Any]] = {}
 
-    def input_of(self, jobs: Sequence[Job]) -> dict[str, torch.Tensor]:
-        """The extra network inputs of a batch (the model's ``concat_inputs``)."""
+    def batch_input(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[int]]:
+        """A batch's input image (C, H, W), its latent size (h, w), its cache (kept across batches) and the seeds of
+        the images' own draws (:func:`input_noise_seed`)."""
         init = batch_input(jobs)
         if not 0 <= init < len(self.images):
             raise SdgenError(f"input image {init} is not among the run's {len(self.images)} images")
         image = self.images[init]
         factor = self.model_factor()
-        latent_hw = self.latent_hw or (image.shape[-2] // factor, image.shape[-1] // factor)
-        seeds = [input_noise_seed(job.seed) for job in jobs]
-        return self.model.concat_inputs(image, seeds, latent_hw, self._cache.setdefault(init, {}), self.noise_level)
+        latent_hw = (image.shape[-2] // factor, image.shape[-1] // factor)
+        return image, latent_hw, self._cache.setdefault(init, {}), [input_noise_seed(job.seed) for job in jobs]
+
+    def input_of(self, jobs: Sequence[Job]) -> dict[str, torch.Tensor]:
+        """The extra network inputs of a batch (the model's ``concat_inputs``)."""
+        image, latent_hw, cache, seeds = self.batch_input(jobs)
+        return self.model.concat_inputs(image, seeds, latent_hw, cache, self.noise_level)
 
     def model_factor(self) -> int:
         """Image pixels per latent pixel: the VAE's downsampling (1 for the upscaler, whose latent is the input's
@@ -104,10 +110,6 @@ class KnownRegionConditioner(ConcatConditioner):
     """Inpainting with an ordinary SD 1.x / 2.x checkpoint: text conditioning plus the known region (the input's
     latent, a posterior sample per image, and the mask resized to the latent with nearest interpolation)."""
 
-    def __init__(self, model: Any, inputs: Any) -> None:
-        super().__init__(model, inputs)
-        self.model = model
-
     @staticmethod
     def wrap_denoiser(denoiser: Callable[..., torch.Tensor]) -> KnownRegionDenoiser:
         return KnownRegionDenoiser(denoiser)
@@ -115,21 +117,15 @@ class KnownRegionConditioner(ConcatConditioner):
     def input_of(self, jobs: Sequence[Job]) -> dict[str, torch.Tensor]:
         from ldm.models.diffusion.concat_models import binarize_mask
 
-        init = batch_input(jobs)
-        image = self.images[init]
+        image, latent_hw, cache, seeds = self.batch_input(jobs)
         if image.shape[0] != 4:
             raise SdgenError("inpainting needs a mask with the image")
-        factor = self.model_factor()
-        latent_hw = self.latent_hw or (image.shape[-2] // factor, image.shape[-1] // factor)
-        cache = self._cache.setdefault(init, {})
         if "posterior" not in cache:
             cache["posterior"] = self.model.encode_first_stage(image[None, :3].to(self.model.device))
             mask = binarize_mask(image[None, 3:4])
             cache["keep"] = 1.0 - F.interpolate(mask, size=latent_hw).to(self.model.device)
-        generators = [torch.Generator().manual_seed(input_noise_seed(job.seed)) for job in jobs]
-        posterior = cache["posterior"]
-        params = posterior.parameters.expand(len(jobs), *posterior.parameters.shape[1:])
-        z0 = self.model.get_first_stage_encoding(type(posterior)(params), generator=generators).float()
+        generators = make_generators(seeds)
+        z0 = sample_latents(self.model, cache["posterior"], generators)
         noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators]).to(z0.device)
         return {"known_latent": z0, "known_keep": cache["keep"].expand(len(jobs), -1, -1, -1).float(),
                 "known_noise": noise}

@@ -19,15 +19,13 @@ import torch.nn.functional as F
 
 from ldm.errors import SdgenError
 from ldm.models.diffusion.ddpm import LatentDiffusion, module_dtype
+from ldm.modules.distributions import sample_latents
+from ldm.sampling.noise import make_generators
 from ldm.util import instantiate_from_config
 
 # constructor parameters of the originals that only matter for training (finetune_keys: the input-channel surgery
 # of a 4-channel checkpoint, ddpm.py l.1536-1546; the c_concat_log_* logging range)
 _FINETUNE_TRAINING = ("finetune_keys", "keep_finetune_dims", "c_concat_log_start", "c_concat_log_end")
-
-
-def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 def _pop_training(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -100,9 +98,7 @@ class LatentInpaintDiffusion(LatentFinetuneDiffusion):
             masked = rgb * (mask < 0.5)
             cache["posterior"] = self.encode_first_stage(masked.to(self.device))
             cache["mask"] = F.interpolate(mask, size=latent_hw).to(self.device)  # nearest, as the scripts
-        posterior = cache["posterior"]
-        params = posterior.parameters.expand(len(seeds), *posterior.parameters.shape[1:])
-        latent = self.get_first_stage_encoding(type(posterior)(params), generator=_generators(seeds)).float()
+        latent = sample_latents(self, cache["posterior"], make_generators(seeds))
         mask = cache["mask"].expand(len(seeds), -1, -1, -1).float()
         return {"concat": torch.cat([mask, latent], dim=1)}
 
@@ -174,7 +170,7 @@ class LatentUpscaleDiffusion(LatentDiffusion):
         if tuple(lr.shape[-2:]) != tuple(latent_hw):
             raise SdgenError(f"the low-res image is {lr.shape[-1]}x{lr.shape[-2]} but the latent "
                              f"{latent_hw[1]}x{latent_hw[0]}")
-        noise = torch.stack([torch.randn(lr.shape[1:], generator=g) for g in _generators(seeds)])
+        noise = torch.stack([torch.randn(lr.shape[1:], generator=g) for g in make_generators(seeds)])
         x, levels = self.low_scale_model(lr.expand(len(seeds), -1, -1, -1), noise_level, noise=noise)
         return {"concat": x.to(self.device), "vector": levels.to(self.device)}
 
