@@ -12,29 +12,17 @@ from typing import Annotated, Optional
 import typer
 
 from ldm.cli import options as o
-from ldm.cli.sld import SLD_FLAGS, optional_sld_flags, sld_options
+from ldm.cli.input_commands import input_command
 from ldm.model_files import DEFAULT_DEPTH_CKPT
 
-COMMAND = "depth2img"
-
-OWN = {
-    "depth_map": (Annotated[Optional[str], typer.Option(
+depth2img = input_command(
+    "depth2img",
+    {"depth_map": (Annotated[Optional[str], typer.Option(
         "--depth-map", "--depth_map", show_default="MiDaS DPT-Hybrid of the input image",
         help="a depth image (greyscale, 8 or 16 bit, larger = nearer, the size of --init-img) used instead of "
         "MiDaS's")], None),
-    "ckpt": (Annotated[Optional[str], typer.Option(
-        "--ckpt", show_default=DEFAULT_DEPTH_CKPT, help="512-depth-ema.ckpt (or a .safetensors copy)")], None),
-    "config": (Annotated[Optional[str], typer.Option(
-        "--config", show_default="picked from the checkpoint", help="model config (YAML)")], None),
-}
-
-_MODEL_AT = o.COMMON_FLAGS.index("config")
-FLAGS = (o.COMMON_FLAGS[:2] + ("init_img", "depth_map", "strength") + o.COMMON_FLAGS[2:_MODEL_AT] + ("config", "ckpt")
-         + o.COMMON_FLAGS[_MODEL_AT + 2:] + tuple(SLD_FLAGS) + o.TEXT_FLAGS + o.PERF_FLAGS + o.RUN_FLAGS)
-
-depth2img = o.command(
-    COMMAND, FLAGS,
+     "strength": (o.flags("depth2img").strength, None)},  # the shared flag, shown after --depth-map
+    DEFAULT_DEPTH_CKPT, "512-depth-ema.ckpt (or a .safetensors copy)",
     "Make an image with the depth of the input image, guided by a prompt (SAI2 depth2img scripts, MiDaS "
     "DPT-Hybrid).",
-    own={**OWN, **optional_sld_flags()}, options=lambda given: sld_options(COMMAND, given, sld_always=False),
 )

@@ -212,7 +212,6 @@ def run(plan: RunPlan, *, world: Optional[World] = None, progress: Optional[Prog
             lines[job.settings] = png_settings(plan, job.settings, stages_for(job.settings)[0], extra)
         return lines[job.settings]
 
-    names = [image.path.name for image in plan.init_images]
     line_tags = {entry.where: entry.tags for entry in plan.entries if entry.tags}  # e.g. an I2P row's categories
     header = {**manifest_header(plan, stages_for(plan.settings)[0] if models else [], notices), "run_notes": notes,
               "first_sample": plan.out.first_sample}
