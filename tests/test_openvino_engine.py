@@ -33,16 +33,10 @@ UNET_F32 = Tolerance(why="OpenVINO f32 vs torch float32 kernels (other summation
 @pytest.fixture(scope="module", autouse=True)
 def ov_cache(tmp_path_factory):
     """One cache folder for the module's conversions (each tiny network is converted once)."""
-    import os
-
-    folder = tmp_path_factory.mktemp("openvino-cache")
-    previous = os.environ.get("SDGEN_OPENVINO_CACHE")
-    os.environ["SDGEN_OPENVINO_CACHE"] = str(folder)
-    yield folder
-    if previous is None:
-        os.environ.pop("SDGEN_OPENVINO_CACHE", None)
-    else:
-        os.environ["SDGEN_OPENVINO_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("openvino-cache")
+        patch.setenv("SDGEN_OPENVINO_CACHE", str(folder))
+        yield folder
 
 
 @pytest.mark.parametrize("name", ["sd2v-tiny", "unclip-l-tiny", "sdxl-base-tiny", "sdxl-refiner-tiny",
