@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from ldm.errors import SdgenError
-from ldm.modules.encoders.modules import open_clip_text_states
+from ldm.modules.encoders.text_towers import OpenCLIPTower
 from ldm.modules.encoders.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, open_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def encode_text(clip: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if not has_text_tower(clip):
         raise SdgenError("the CLIP model has no text tower (token embedding, transformer, ln_final, projection)")
     ids = ids.to(clip.token_embedding.weight.device)
-    states = clip.ln_final(open_clip_text_states(clip, ids)["last"])
+    states = clip.ln_final(OpenCLIPTower(clip)(ids)[-1])
     pooled = states[torch.arange(len(ids)), ids.argmax(dim=-1)] @ clip.text_projection
     return pooled.float(), states.float()
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from ldm.errors import SdgenError
 from ldm.modules.encoders.prompts import TextOptions, encode_prompts
+from ldm.modules.encoders.text_towers import HFCLIPTower, OpenCLIPTower
 from ldm.modules.encoders.tokenizer import (
     BOS_ID,
     CONTEXT_LENGTH,
@@ -148,6 +149,20 @@ class TextEncoder(AbstractEncoder):
     def _set_token_embedding(self, table: nn.Embedding) -> None:
         raise NotImplementedError
 
+    def tower_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text tower's heavy part: (N, L) ids -> every state (n_layers + 1, N, L, D), float: the token and
+        position embedding, then each block's output (no final LayerNorm). What an engine replaces
+        (:mod:`ldm.engines`); the outputs :meth:`encode_ids` gives are read from these states."""
+        return self.tower()(ids)
+
+    def tower(self) -> nn.Module:
+        """A module over this encoder's own weights computing :meth:`tower_states` (no parameters of its own)."""
+        raise NotImplementedError
+
+    def release_tower(self) -> None:
+        """Drop the tower's blocks (an engine runs them now); embeddings and final layers stay."""
+        raise NotImplementedError
+
 
 
 def causal_mask(n: int) -> torch.Tensor:
@@ -200,35 +215,6 @@ def build_open_clip(arch: str, model_cfg: Mapping[str, Any] | None = None, keep:
         del model.transformer
     model.register_buffer("attn_mask", causal_mask(cfg["text_cfg"].get("context_length", 77)), persistent=False)
     return model
-
-
-def open_clip_text_states(model: nn.Module, tokens: torch.Tensor, n_blocks: int | None = None) -> dict:
-    """Run an open_clip text tower block by block.
-
-    Args:
-        model: open_clip CLIP (token_embedding, positional_embedding, transformer.resblocks, attn_mask).
-        tokens: (B, L) int64 ids.
-        n_blocks: run only the first ``n_blocks`` resblocks (default all).
-
-    Returns:
-        {"penultimate": input of the last resblock that runs, "last": output of the last one that runs},
-        both (B, L, D) batch-first, without ``ln_final``. open_clip <= 2.24 runs the blocks sequence-first,
-        3.x batch-first; the installed layout is followed (``transformer.batch_first``).
-    """
-    blocks = model.transformer.resblocks
-    n_blocks = len(blocks) if n_blocks is None else n_blocks
-    x = model.token_embedding(tokens) + model.positional_embedding
-    attn_mask = model.attn_mask.to(x.device)
-    batch_first = getattr(model.transformer, "batch_first", False)
-    if not batch_first:
-        x = x.permute(1, 0, 2)
-    penultimate = x
-    for block in list(blocks)[:n_blocks]:
-        penultimate = x
-        x = block(x, attn_mask=attn_mask)
-    if not batch_first:
-        x, penultimate = x.permute(1, 0, 2), penultimate.permute(1, 0, 2)
-    return {"penultimate": penultimate, "last": x}
 
 
 class FrozenCLIPEmbedder(TextEncoder):
@@ -291,23 +277,27 @@ class FrozenCLIPEmbedder(TextEncoder):
     def _set_token_embedding(self, table: nn.Embedding) -> None:
         self.transformer.text_model.embeddings.token_embedding = table
 
+    def tower(self) -> nn.Module:
+        return HFCLIPTower(self.transformer)
+
+    def release_tower(self) -> None:
+        self.transformer.text_model.encoder.layers = nn.ModuleList()
+
     def encode_ids(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 77) ids -> (this encoder's output (N, 77, D), pooled (N, D)). ``clip_skip`` N > 1 takes the layer
         N - 1 before the usual one (with the final LayerNorm where the usual output has it, A1111's meaning)."""
-        need_hidden = self.layer == "hidden" or clip_skip > 1
-        out = self.transformer(input_ids=ids, output_hidden_states=need_hidden)
+        hidden_states = self.tower_states(ids)
+        final_layer_norm = self.transformer.text_model.final_layer_norm
+        last_hidden_state = final_layer_norm(hidden_states[-1])  # as CLIPTextTransformer computes it
         # the EOT row (transformers takes argmax of the ids, which is the first EOS: the same row)
         eot = (ids == EOS_ID).int().argmax(dim=-1)
-        pooled = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eot]
+        pooled = last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eot]
         if self.layer == "last":
-            if clip_skip > 1:
-                z = self.transformer.text_model.final_layer_norm(out.hidden_states[-clip_skip])
-            else:
-                z = out.last_hidden_state
+            z = final_layer_norm(hidden_states[-clip_skip]) if clip_skip > 1 else last_hidden_state
         elif self.layer == "pooled":
             z = pooled[:, None, :]
         else:
-            z = out.hidden_states[self.layer_idx - (clip_skip - 1)]
+            z = hidden_states[self.layer_idx - (clip_skip - 1)]
         return z, pooled
 
     def count_ids(self) -> int:
@@ -366,11 +356,17 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
     def _set_token_embedding(self, table: nn.Embedding) -> None:
         self.model.token_embedding = table
 
+    def tower(self) -> nn.Module:
+        return OpenCLIPTower(self.model)
+
+    def release_tower(self) -> None:
+        self.model.transformer.resblocks = nn.ModuleList()
+
     def encode_with_transformer(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """(B, L) ids -> ln_final(output of the first n - layer_idx - (clip_skip - 1) resblocks), (B, L, D)."""
-        n_blocks = len(self.model.transformer.resblocks) - self.layer_idx - (clip_skip - 1)
-        x = open_clip_text_states(self.model, tokens, n_blocks)["last"]
-        return self.model.ln_final(x)
+        states = self.tower_states(tokens)
+        n_blocks = states.shape[0] - 1 - self.layer_idx - (clip_skip - 1)
+        return self.model.ln_final(states[n_blocks])
 
     def encode_ids(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, None]:
         return self.encode_with_transformer(ids, clip_skip), None
@@ -435,11 +431,18 @@ class FrozenOpenCLIPEmbedder2(TextEncoder):
         rows = x[torch.arange(x.shape[0], device=x.device), (tokens == EOS_ID).int().argmax(dim=-1)]
         return rows @ self.model.text_projection
 
+    def tower(self) -> nn.Module:
+        return OpenCLIPTower(self.model)
+
+    def release_tower(self) -> None:
+        self.model.transformer.resblocks = nn.ModuleList()
+
     def encode_with_transformer(self, tokens: torch.Tensor, clip_skip: int = 1) -> dict[str, torch.Tensor]:
-        states = open_clip_text_states(self.model, tokens)
-        if clip_skip > 1:  # the layers clip_skip - 1 before the usual ones; the pooled output stays the last's
-            earlier = open_clip_text_states(self.model, tokens, len(self.model.transformer.resblocks) - clip_skip + 1)
-            states = {**earlier, "pooled_from": states["last"]}
+        every = self.tower_states(tokens)
+        n_blocks = every.shape[0] - 1 - (clip_skip - 1)  # clip_skip: the layers clip_skip - 1 before the usual ones
+        states = {"penultimate": every[n_blocks - 1], "last": every[n_blocks]}
+        if clip_skip > 1:  # the pooled output stays the last block's
+            states["pooled_from"] = every[-1]
         if self.legacy:
             return {self.layer: self.model.ln_final(states[self.layer])}
         states["pooled"] = self.pool(self.model.ln_final(states.pop("pooled_from", states["last"])), tokens)
