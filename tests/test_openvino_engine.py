@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tests"
 # OpenVINO's f32 kernels sum in other orders than oneDNN's: measured up to 2e-6 of the output's largest value on
 # the tiny UNets (AMD EPYC, AVX2); float32 accuracy of a few dozen layers, with a margin
-UNET_F32 = Tolerance(why="OpenVINO f32 vs torch float32 kernels (other summation orders), tiny UNet", rel_max=2e-5)
+OV_F32 = Tolerance(why="OpenVINO f32 vs torch float32 kernels (other summation orders), tiny networks", rel_max=2e-5)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,7 +67,42 @@ def test_unet_agrees_with_torch_for_every_family(name):
         apply_openvino(holder, "full", [f"tiny {name}"])
         got = holder.model.diffusion_model(x, t, context=context, y=y)
     assert type(holder.model.diffusion_model).__name__ == "OpenVINOUNet"
-    assert_matches_recorded(got, expected, UNET_F32)
+    assert_matches_recorded(got, expected, OV_F32)
+
+
+def test_text_towers_agree_with_torch_for_every_encoder_batch_and_clip_skip():
+    """The text towers through the engine: transformers' CLIP (SDXL's hidden layer and pooled row; SD 1.x's last
+    layer runs in the image test below), OpenCLIP as SD 2.x (ln_final) and as SDXL (penultimate, pooled), for a
+    batch of 2 (the traced shape) and 1 and clip skip 1 and 2 from one converted network each; the torch blocks
+    are dropped once converted."""
+    from ldm.modules.encoders.modules import TextEncoder
+    from ldm.util import instantiate_from_config
+
+    containers = []
+    for name, key in [("sd2v-tiny", "cond_stage_config"),
+                      ("sdxl-base-tiny", "conditioner_config")]:
+        module = instantiate_from_config(load_config(TINY / f"{name}.yaml").model.params[key]).eval()
+        module.load_state_dict(randomized_state_dict(module, seed=3))
+        containers.append(module)
+    encoders = [m for c in containers for m in c.modules() if isinstance(m, TextEncoder)]
+    g = torch.Generator().manual_seed(0)
+    ids = {}
+    for n in (2, 1):
+        ids[n] = torch.randint(1, 49000, (n, 77), generator=g)
+        ids[n][:, 0], ids[n][torch.arange(n), 9 + torch.arange(n)] = 49406, 49407
+    with torch.no_grad():
+        expected = {(i, n, skip): e.encode_ids(ids[n], skip) for i, e in enumerate(encoders) for n in ids
+                    for skip in (1, 2)}
+        apply_openvino(torch.nn.ModuleList(containers), "full", ["tiny text towers"])
+        for (i, n, skip), (z, pooled) in expected.items():
+            got_z, got_pooled = encoders[i].encode_ids(ids[n], skip)
+            assert_matches_recorded(got_z, z, OV_F32)
+            assert (got_pooled is None) == (pooled is None)
+            if pooled is not None:
+                assert_matches_recorded(got_pooled, pooled, OV_F32)
+    assert [type(e).__name__ for e in encoders] == ["FrozenOpenCLIPEmbedder", "FrozenCLIPEmbedder",
+                                                    "FrozenOpenCLIPEmbedder2"]
+    assert len(encoders[1].transformer.text_model.encoder.layers) == len(encoders[2].model.transformer.resblocks) == 0
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +137,7 @@ def test_images_cache_reuse_records_and_a_corrupt_entry(sdgen_main, sd1_files, c
     assert manifest["settings"]["engine"] == "openvino"
 
     entries = sorted(p for p in set(cache_root().iterdir()) - before if (p / "entry.json").is_file())
-    assert len(entries) == 2  # the UNet and the VAE decoder (txt2img encodes no image)
+    assert len(entries) == 3  # the UNet, the VAE decoder (txt2img encodes no image) and the text tower
     with caplog.at_level(logging.INFO, logger="ldm.engines.ov_engine"):
         again = _run(sdgen_main, sd1_files, "ov2", "--engine", "openvino")
     assert all(np.array_equal(a, b) for a, b in zip(first, again))

@@ -1,7 +1,9 @@
-"""``--engine openvino``: the UNet and the VAE run as OpenVINO models on the CPU (optional ``openvino`` extra).
+"""``--engine openvino``: the UNet, the VAE and the text towers run as OpenVINO models on the CPU (optional
+``openvino`` extra).
 
 Each network is converted once from its torch module (after LoRA merges, a ``--vae`` swap and everything else that
-changes weights) with ``openvino.convert_model`` (the plain modules: packed convolutions cannot be converted), saved
+changes weights; a text encoder's tower: every hidden state, :mod:`ldm.modules.encoders.text_towers`) with
+``openvino.convert_model`` (the plain modules: packed convolutions cannot be converted), saved
 as IR with dynamic shapes in a cache folder, and compiled for the CPU once per input shape (static shapes). The
 torch module is released after conversion (or not converted at all on a cache hit).
 
@@ -230,15 +232,31 @@ class OpenVINOModule(nn.Module):
         return self.network.run(x).to(x.dtype)
 
 
-def _network(module: nn.Module, key: str, hint: str, notify: Optional[Callable[[str], None]]) -> OpenVINONetwork:
-    """The OpenVINO network of ``module``: from the cache now, or converted on its first call."""
+class OpenVINOTower:
+    """A text encoder's ``tower_states(ids)`` through OpenVINO (ids int64 (N, L) -> states (n + 1, N, L, D)).
+    Not a module: set on the encoder instance, it stands in for the method."""
+
+    def __init__(self, network: OpenVINONetwork) -> None:
+        self.network = network
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.network.run(ids)
+
+
+def _network(module: nn.Module, key: str, hint: str, notify: Optional[Callable[[str], None]],
+             release: Optional[Callable[[], None]] = None) -> OpenVINONetwork:
+    """The OpenVINO network of ``module``: from the cache now, or converted on its first call. ``release`` drops
+    the torch weights the network replaces (at once on a cache hit, else after the conversion)."""
     ov = require_openvino()
     if (cache_root() / key).exists() and _entry_ok(cache_root() / key):
+        if release is not None:
+            release()
         return OpenVINONetwork(cached_model(key, lambda: None), hint)
-    holder = {"module": module.float().eval().requires_grad_(False)}
+    holder = {"module": module.float().eval().requires_grad_(False), "release": release}
 
     def convert(example: Sequence[torch.Tensor]) -> Any:
         torch_module = holder.pop("module")
+        release_torch = holder.pop("release")
         logger.info("openvino: converting %s (once; cached as %s)", type(torch_module).__name__, key)
 
         def trace_and_convert() -> Any:
@@ -251,7 +269,11 @@ def _network(module: nn.Module, key: str, hint: str, notify: Optional[Callable[[
 
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return cached_model(key, trace_and_convert, notify)
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
+            converted = cached_model(key, trace_and_convert, notify)
+        if release_torch is not None:
+            release_torch()
+        return converted
 
     return OpenVINONetwork(None, hint, convert)
 
@@ -262,14 +284,23 @@ def _unet_has_y(unet: nn.Module) -> bool:
 
 def apply_openvino(model: Any, precision: str, key: Sequence[str], notify: Optional[Callable[[str], None]] = None
                    ) -> Any:
-    """Replace ``model``'s UNet and VAE halves by OpenVINO networks (module docstring); returns ``model``."""
+    """Replace ``model``'s UNet, VAE halves and text towers by OpenVINO networks (module docstring); returns
+    ``model``."""
+    from ldm.modules.encoders.modules import TextEncoder
+
     hint = inference_precision(precision)
     parts = list(key)
-    wrapper = model.model
-    unet = wrapper.diffusion_model
-    with_y = _unet_has_y(unet)
-    network = _network(UNetInputs(unet, with_y), entry_key(parts, "unet", hint), hint, notify)
-    wrapper.diffusion_model = OpenVINOUNet(network, with_y)
+    encoders = [m for m in model.modules() if isinstance(m, TextEncoder)] if isinstance(model, nn.Module) else []
+    for index, encoder in enumerate(encoders):
+        network = _network(encoder.tower(), entry_key(parts, f"text-tower-{index}", hint), hint, notify,
+                           release=encoder.release_tower)
+        encoder.tower_states = OpenVINOTower(network)  # an instance attribute: shadows the method
+    wrapper = getattr(model, "model", None)
+    unet = getattr(wrapper, "diffusion_model", None)
+    if unet is not None:
+        with_y = _unet_has_y(unet)
+        network = _network(UNetInputs(unet, with_y), entry_key(parts, "unet", hint), hint, notify)
+        wrapper.diffusion_model = OpenVINOUNet(network, with_y)
     vae = getattr(model, "first_stage_model", None)
     if vae is not None and hasattr(vae, "decoder"):
         decoder = _network(Chain(vae.post_quant_conv, vae.decoder), entry_key(parts, "vae-decoder", hint), hint, notify)
