@@ -3,6 +3,7 @@
     pip install -e ".[openvino,bench]"
     python3 scripts/benchmark_engines.py                    # UNet step and end-to-end per step, fp32 (and bf16)
     python3 scripts/benchmark_engines.py --json results.json
+    python3 scripts/benchmark_engines.py --roofline         # the FLOPs against this CPU's float32 GEMM rate
 
 Rows (512 x 512, classifier-free guidance):
 * UNet step: one CFG forward (batch 2, 64 x 64 latents) of sdgen's UNet with ``--engine torch`` (packed oneDNN
@@ -10,8 +11,9 @@ Rows (512 x 512, classifier-free guidance):
   network), and diffusers' ``UNet2DConditionModel`` in its best eager configuration (contiguous or channels_last,
   the faster). Medians of ``--repeats`` alternated runs after a warm-up.
 * End to end per step: one txt2img image, ``--steps`` DDIM steps (text encoding, sampling, VAE decode) divided by
-  the steps, for both sdgen engines and diffusers' ``StableDiffusionPipeline``; and optimum-intel's
-  ``OVStableDiffusionPipeline`` when it is installed (exported offline from the same weights), else a note.
+  the steps, for both sdgen engines and diffusers' ``StableDiffusionPipeline``. optimum-intel's
+  ``OVStableDiffusionPipeline`` (exported offline from the same weights) is measured by scripts/benchmark_optimum.py
+  in an environment of its own.
 * The conversion: time and the process's peak memory while the UNet is converted.
 
 bf16 rows run only where the CPU computes bfloat16 natively (OpenVINO's BF16 capability). The weights are built
@@ -77,6 +79,55 @@ def ov_dynamic(model: Any, precision: str) -> Any:
                                                           "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
 
+def roofline(args: argparse.Namespace) -> None:
+    """What this CPU can do at best: the SD 1.x UNet's and VAE decoder's floating-point operations at 512 px
+    (torch's FLOP counter on the meta device: convolutions and matrix products, 2 per multiply-add) against the
+    best float32 rate measured here (torch and OpenVINO 2048 x 2048 matrix products, a UNet-sized 3x3
+    convolution; best of 3 each). Their quotient is a lower bound on a step's time for any engine that computes
+    the same products in float32 (no fast-convolution algorithms)."""
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm.checkpoint import load_config
+    from ldm.util import instantiate_from_config
+
+    params = load_config("configs/stable-diffusion/v1-inference.yaml").model.params
+    with torch.device("meta"):
+        unet = instantiate_from_config(params.unet_config)
+        decoder = instantiate_from_config(params.first_stage_config)
+        with FlopCounterMode(display=False) as unet_count:
+            unet(torch.randn(2, 4, 64, 64), torch.tensor([999, 999]), context=torch.randn(2, 77, 768))
+        with FlopCounterMode(display=False) as vae_count:
+            decoder.decode(torch.randn(1, 4, 64, 64))
+    flops = {"unet_cfg_step": unet_count.get_total_flops(), "vae_decode": vae_count.get_total_flops()}
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    param = ops.parameter([n, n], np.float32)
+    compiled = ov.Core().compile_model(ov.Model([ops.matmul(param, ops.constant(b.numpy()), False, False)], [param]),
+                                       "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                                               "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    conv, image = torch.nn.Conv2d(320, 320, 3, padding=1).eval(), torch.randn(2, 320, 64, 64)  # the UNet's first level
+    conv_flops = 2 * image.numel() * 320 * 9
+    rates = {}
+    for name, (fn, work) in {"torch": (lambda: a @ b, 2 * n**3), "openvino": (lambda: compiled([a.numpy()]), 2 * n**3),
+                             "torch conv3x3": (lambda: conv(image), conv_flops)}.items():
+        with torch.no_grad():
+            fn()
+            rates[name] = work / min(timed(fn) for _ in range(3))
+    best = max(rates.values())
+    report = {"cpu": cpu_name(), "flops": flops, "sgemm_flops_per_s": rates,
+              "lower_bound_s": {k: v / best for k, v in flops.items()}}
+    print(f"{cpu_name()}; float32 2048^2 matrix product: torch {rates['torch'] / 1e9:.1f}, openvino "
+          f"{rates['openvino'] / 1e9:.1f} GFLOP/s; 3x3 convolution 320 -> 320 channels at 64 x 64, batch 2: "
+          f"{rates['torch conv3x3'] / 1e9:.1f} GFLOP/s")
+    for k, v in flops.items():
+        print(f"  {k}: {v / 1e12:.3f} TFLOP -> at least {v / best:.1f} s at the best rate")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
 def sdxl_memory(args: argparse.Namespace) -> None:
     """The SDXL base UNet (configs/sdxl/sd_xl_base.yaml, random float32 weights): conversion and one CFG step at
     1024 px through the engine; the process's peak resident memory."""
@@ -123,7 +174,12 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--sdxl", action="store_true",
                         help="instead: convert the full-size SDXL base UNet and run one step at 1024 px (peak memory)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="instead: the networks' FLOPs against this CPU's float32 matrix-product rate")
     args = parser.parse_args()
+    if args.roofline:
+        roofline(args)
+        return
     if args.sdxl:
         sdxl_memory(args)
         return
@@ -203,13 +259,8 @@ def main() -> None:
                              (prepared(d_unet, dtype, layout), prepared(d_vae, dtype, layout)))
                 ours.cond_stage_model.transformer.to(dtype)
                 e2e["diffusers best"] = timed(lambda: diffusers_txt2img(ours, unet, vae, dtype, args.steps)) / args.steps
-            try:
-                import optimum.intel  # noqa: F401
-
-                e2e["optimum-intel"] = None  # exporting from these weights is not wired up here
-                note = "optimum-intel is installed but its export from these weights is not measured here"
-            except ImportError:
-                note = "optimum-intel: not installed (its OVStableDiffusionPipeline was not measured)"
+            note = ("optimum-intel's OVStableDiffusionPipeline: scripts/benchmark_optimum.py (its own environment; "
+                    "exported from these weights)")
             row["end_to_end_per_step"] = e2e
             print(f"\n{precision} end to end, {args.steps} DDIM steps, per step:")
             for k, v in e2e.items():
