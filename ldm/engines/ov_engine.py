@@ -232,6 +232,20 @@ class OpenVINOModule(nn.Module):
         return self.network.run(x).to(x.dtype)
 
 
+def return_freed_memory() -> None:
+    """Give the memory of freed torch weights back to the system: most of a network's tensors are small enough
+    for glibc to keep in its heap once freed (measured: 3 GB of the SD 1.x UNet's 3.4 GB stayed resident), where
+    it would add to the compiled network's own copy (the SD 1.x UNet's conversion peak: 10.0 -> 8.2 GB)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 class OpenVINOTower:
     """A text encoder's ``tower_states(ids)`` through OpenVINO (ids int64 (N, L) -> states (n + 1, N, L, D)).
     Not a module: set on the encoder instance, it stands in for the method."""
@@ -271,8 +285,10 @@ def _network(module: nn.Module, key: str, hint: str, notify: Optional[Callable[[
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
             converted = cached_model(key, trace_and_convert, notify)
+        del torch_module
         if release_torch is not None:
             release_torch()
+        return_freed_memory()
         return converted
 
     return OpenVINONetwork(None, hint, convert)
@@ -307,6 +323,7 @@ def apply_openvino(model: Any, precision: str, key: Sequence[str], notify: Optio
         encoder = _network(Chain(vae.encoder, vae.quant_conv), entry_key(parts, "vae-encoder", hint), hint, notify)
         vae.decoder, vae.post_quant_conv = OpenVINOModule(decoder), nn.Identity()
         vae.encoder, vae.quant_conv = OpenVINOModule(encoder), nn.Identity()
+    return_freed_memory()  # the networks found in the cache: their torch weights are gone now
     return model
 
 
