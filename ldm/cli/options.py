@@ -169,8 +169,8 @@ def flags(command: str) -> SimpleNamespace:
                        "e.g. by torchrun or srun; --outdir on a shared file system)"),
         accelerator=_opt("--accelerator", kind=str, help="auto | cpu | cuda: what the processes run on"),
         dist_timeout=_opt("--dist-timeout", kind=float, help="seconds the processes wait for each other to connect"),
-        engine=_opt("--engine", kind=str, help="torch: PyTorch eager | openvino: the UNet and the VAE as OpenVINO "
-                    "models on the CPU (converted once and cached; the openvino extra)"),
+        engine=_opt("--engine", kind=str, help="torch: PyTorch eager | openvino: the UNet, the VAE and the text "
+                    "encoders as OpenVINO models on the CPU (converted once and cached; the openvino extra)"),
         compile=_opt("--compile", kind=bool_, help="torch.compile the UNet (the first batch pays the compile time, "
                      "minutes on a CPU)"),
         vae_tiling=_opt("--vae-tiling", kind=bool_, help="decode in overlapping 512 px tiles, blended: bounded memory "

@@ -108,16 +108,27 @@ def _entry_ok(folder: Path) -> bool:
         return False
 
 
+def cached_entry(key: str, notify: Optional[Callable[[str], None]] = None) -> Any:
+    """The OpenVINO model of cache entry ``key`` when it is whole (its weights hashed once), else None; an
+    incomplete or corrupt entry is removed (and ``notify`` told) so that it is converted again."""
+    folder = cache_root() / key
+    if not folder.exists():
+        return None
+    if _entry_ok(folder):
+        logger.info("openvino: reusing the converted network %s", folder)
+        return require_openvino().Core().read_model(str(folder / "model.xml"))
+    (notify or logger.warning)(f"openvino: cache entry {folder} is incomplete or corrupt; converting again")
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
 def cached_model(key: str, convert: Callable[[], Any], notify: Optional[Callable[[str], None]] = None) -> Any:
     """The OpenVINO model of cache entry ``key``: read when whole, else made by ``convert()`` and saved atomically."""
     ov = require_openvino()
+    found = cached_entry(key, notify)
+    if found is not None:
+        return found
     folder = cache_root() / key
-    if folder.exists():
-        if _entry_ok(folder):
-            logger.info("openvino: reusing the converted network %s", folder)
-            return ov.Core().read_model(str(folder / "model.xml"))
-        (notify or logger.warning)(f"openvino: cache entry {folder} is incomplete or corrupt; converting again")
-        shutil.rmtree(folder, ignore_errors=True)
     model = convert()
     tmp = cache_root() / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -129,9 +140,11 @@ def cached_model(key: str, convert: Callable[[], Any], notify: Optional[Callable
                                                     "openvino": openvino_version(), "format": IR_FORMAT}))
         try:
             os.replace(tmp, folder)
+            ours = True
         except OSError:  # another process renamed its copy first: keep that one
             shutil.rmtree(tmp, ignore_errors=True)
-        if _entry_ok(folder):  # the saved copy, its weights memory-mapped: the converted one can be freed
+            ours = False
+        if ours or _entry_ok(folder):  # the saved copy, its weights memory-mapped: the converted one can be freed
             del model
             return ov.Core().read_model(str(folder / "model.xml"))
     except OSError as exc:
@@ -262,10 +275,11 @@ def _network(module: nn.Module, key: str, hint: str, notify: Optional[Callable[[
     """The OpenVINO network of ``module``: from the cache now, or converted on its first call. ``release`` drops
     the torch weights the network replaces (at once on a cache hit, else after the conversion)."""
     ov = require_openvino()
-    if (cache_root() / key).exists() and _entry_ok(cache_root() / key):
+    found = cached_entry(key, notify)
+    if found is not None:
         if release is not None:
             release()
-        return OpenVINONetwork(cached_model(key, lambda: None), hint)
+        return OpenVINONetwork(found, hint)
     holder = {"module": module.float().eval().requires_grad_(False), "release": release}
 
     def convert(example: Sequence[torch.Tensor]) -> Any:
@@ -327,5 +341,5 @@ def apply_openvino(model: Any, precision: str, key: Sequence[str], notify: Optio
     return model
 
 
-__all__ = ["apply_openvino", "cache_root", "cached_model", "entry_key", "inference_precision", "openvino_version",
-           "require_openvino", "OpenVINONetwork"]
+__all__ = ["apply_openvino", "cache_root", "cached_entry", "cached_model", "entry_key", "inference_precision",
+           "openvino_version", "require_openvino", "OpenVINONetwork"]

@@ -67,7 +67,8 @@ def load_run_model(spec: ModelSpec, plan: RunPlan) -> Any:
         dtype = weights_dtype(spec.kind, plan.opts.precision, plan.device) if spec.kind == "sdxl" else None
         model = load_model(spec.config, spec.files.checkpoint, device=home, dtype=dtype)
     model = prepare_for_inference(model, plan.opts.precision, plan.device, compile=plan.opts.compile,
-                                  vae_tiling=plan.opts.vae_tiling or plan.opts.tile, engine=plan.opts.engine)  # upscale --tile: tiled decode
+                                  vae_tiling=plan.opts.vae_tiling or plan.opts.tile,  # upscale --tile: tiled decode
+                                  engine=plan.opts.engine)
     if offload:
         from ldm.generation.offload import offload_model
 
