@@ -39,13 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmark_engines import cpu_name, peak_gb  # noqa: E402
+
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def peak_gb() -> float:
-    from ldm.util import process_memory
-
-    return process_memory("VmHWM") / 1e9
 
 
 def ov_config() -> dict[str, Any]:
@@ -185,7 +181,6 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.phase == "all":
-        from benchmark_engines import cpu_name
         import openvino
 
         report: dict[str, Any] = {"cpu": cpu_name(), "torch": torch.__version__,
